@@ -1,0 +1,128 @@
+"""Prometheus text exposition of the daemon's counters (GET /metrics)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flypool.pool.worker import WorkerState
+
+if TYPE_CHECKING:
+    from flypool.daemon import Daemon
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(daemon: Daemon) -> str:
+    """Every metric family, one sample per app (and per class/state)."""
+    fams: dict[str, tuple[str, str, list[str]]] = {}
+
+    def add(name: str, kind: str, help_: str, labels: dict[str, str], value: float) -> None:
+        fam = fams.setdefault(name, (kind, help_, []))
+        lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+        fam[2].append(f"{name}{{{lab}}} {value}")
+
+    for pool in daemon.pools.values():
+        app = pool.name
+        r = pool.router
+        st = r.stats
+        for cls in range(1, 6):
+            add(
+                "flypool_requests_total",
+                "counter",
+                "Responses sent to clients, by status class.",
+                {"app": app, "code": f"{cls}xx"},
+                st.by_class[cls],
+            )
+        add(
+            "flypool_requests_in_flight",
+            "gauge",
+            "Requests being served by workers.",
+            {"app": app},
+            sum(w.inflight for w in pool.workers),
+        )
+        add(
+            "flypool_queue_length",
+            "gauge",
+            "Requests waiting for a free worker.",
+            {"app": app},
+            len(r.queue),
+        )
+        add(
+            "flypool_queue_wait_seconds_total",
+            "counter",
+            "Time spent queued, summed.",
+            {"app": app},
+            round(st.queue_wait_total, 6),
+        )
+        add(
+            "flypool_queue_wait_count",
+            "counter",
+            "Requests that waited in the queue.",
+            {"app": app},
+            st.queue_wait_count,
+        )
+        add(
+            "flypool_queue_rejected_total",
+            "counter",
+            "Requests refused: queue full (503).",
+            {"app": app},
+            st.rejected_full,
+        )
+        add(
+            "flypool_queue_timeouts_total",
+            "counter",
+            "Requests that timed out queued (504).",
+            {"app": app},
+            st.timeouts,
+        )
+        add(
+            "flypool_upstream_connects_total",
+            "counter",
+            "Connections opened to workers.",
+            {"app": app},
+            st.connects,
+        )
+        for state in WorkerState:
+            add(
+                "flypool_workers",
+                "gauge",
+                "Workers by state.",
+                {"app": app, "state": state.value},
+                sum(1 for w in pool.workers if w.state is state),
+            )
+        add(
+            "flypool_restarts_total",
+            "counter",
+            "Restarts finished (completed or aborted).",
+            {"app": app},
+            pool.restarts_total,
+        )
+        add(
+            "flypool_restart_duration_seconds_total",
+            "counter",
+            "Time spent restarting.",
+            {"app": app},
+            round(sum(pool.restart_durations), 6),
+        )
+        add(
+            "flypool_spawn_failures_total",
+            "counter",
+            "Workers that failed to get ready.",
+            {"app": app},
+            pool.spawn_failures_total,
+        )
+        add(
+            "flypool_deployment_error",
+            "gauge",
+            "1 while the app shows a deployment error.",
+            {"app": app},
+            1 if pool.deployment_error else 0,
+        )
+    lines: list[str] = []
+    for name, (kind, help_, samples) in fams.items():
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(samples)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""What each admin URL does (SPEC §4); the transport is flypool.admin.server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from flypool.admin.metrics import render_metrics
+from flypool.pool.rollout import request_restart
+from flypool.status import build_status
+
+if TYPE_CHECKING:
+    from flypool.daemon import Daemon
+    from flypool.pool.app import AppPool
+
+Reply = tuple[int, Any]
+MODES = ("rolling", "blocking")
+
+
+class AdminRoutes:
+    """Maps admin requests onto daemon operations."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def handle(self, method: str, path: str, query: dict[str, str]) -> Reply:
+        """Answer one admin request with (status, JSON-able payload or text)."""
+        d = self.daemon
+        parts = [p for p in path.split("/") if p]
+        if method == "GET" and parts == ["status"]:
+            loop = asyncio.get_running_loop()
+            return 200, build_status(
+                list(d.pools.values()), d.started_at, loop.time(), d.config.daemon.admin_socket
+            )
+        if method == "GET" and parts == ["metrics"]:
+            return 200, render_metrics(d)
+        if method != "POST":
+            return (405 if parts else 404), {"error": f"no route for {method} {path}"}
+        if parts == ["reload"]:
+            error = await d.reload()
+            return (400, {"error": error}) if error else (200, {"ok": True})
+        if parts == ["stop"]:
+            mode = query.get("mode", "graceful")
+            if mode not in ("graceful", "fast"):
+                return 400, {"error": "mode must be graceful or fast"}
+            asyncio.get_running_loop().call_soon(lambda: d.request_stop(fast=mode == "fast"))
+            return 202, {"ok": True}
+        if parts in (["restart"], ["drain"], ["undrain"]):
+            return self._each(parts[0], list(d.pools.values()), query)
+        if len(parts) == 3 and parts[0] == "apps":
+            pool = d.pools.get(parts[1])
+            if pool is None:
+                return 404, {"error": f'no app named "{parts[1]}"'}
+            action = parts[2]
+            if action == "scale":
+                try:
+                    n = int(query["workers"])
+                except (KeyError, ValueError):
+                    return 400, {"error": "workers=N (an integer >= 1) is required"}
+                if n < 1:
+                    return 400, {"error": "workers must be >= 1"}
+                pool.scale(n)
+                return 200, {"app": pool.name, "workers": pool.target}
+            if action in ("restart", "drain", "undrain"):
+                code, body = self._each(action, [pool], query)
+                return code, (
+                    body["restarts"][0]
+                    if action == "restart" and code == 202
+                    else body["apps"][0]
+                    if code == 200
+                    else body
+                )
+        return 404, {"error": f"no route for {method} {path}"}
+
+    def _each(self, action: str, pools: list[AppPool], query: dict[str, str]) -> Reply:
+        if action == "restart":
+            mode = query.get("mode") or None
+            if mode is not None and mode not in MODES:
+                return 400, {"error": "mode must be rolling or blocking"}
+            out = [
+                {"app": p.name, "restart_id": request_restart(p, mode, "admin request")}
+                for p in pools
+            ]
+            return 202, {"restarts": out}
+        drained = action == "drain"
+        for p in pools:
+            p.router.drained = drained
+            p.log.info("drained" if drained else "undrained")
+        return 200, {"apps": [{"app": p.name, "drained": drained} for p in pools]}

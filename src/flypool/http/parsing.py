@@ -1,0 +1,116 @@
+"""Sans-IO HTTP/1.1 helpers shared by the client and upstream protocols.
+
+Nothing here touches a socket or the event loop, so every function can be
+tested with plain bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# RFC 9112 §7.6.1: headers that describe one hop and must not be forwarded
+# as-is. Names are lower-case bytes because httptools hands us raw bytes.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Response headers the proxy rewrites when it rebuilds a head: the framing
+# header (transfer-encoding) and upgrade are kept because the body and the
+# tunnel are relayed unchanged.
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+
+REASONS: dict[int, bytes] = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def error_response(status: int, detail: str = "", *, close: bool = True) -> bytes:
+    """A complete response the daemon itself sends (never forwarded from a worker)."""
+    reason = REASONS.get(status, b"Error")
+    body = b"%d %s\n" % (status, reason)
+    if detail:
+        body += detail.encode() + b"\n"
+    conn = b"close" if close else b"keep-alive"
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Connection: %s\r\nServer: flypool\r\n\r\n%s" % (status, reason, len(body), conn, body)
+    )
+
+
+def simple_response(
+    status: int, body: bytes, *, keep_alive: bool, head_only: bool = False
+) -> bytes:
+    """A small 200/503 answer (health checks) that may keep the connection open."""
+    reason = b"OK" if status == 200 else REASONS.get(status, b"Status")
+    conn = b"keep-alive" if keep_alive else b"close"
+    head = (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Connection: %s\r\nCache-Control: no-store\r\n\r\n" % (status, reason, len(body), conn)
+    )
+    return head if head_only else head + body
+
+
+def build_request_head(
+    method: bytes, target: bytes, version: bytes, headers: Iterable[tuple[bytes, bytes]]
+) -> bytes:
+    """Serialise a request head; used when the raw bytes of the head are not at hand."""
+    parts = [method, b" ", target, b" HTTP/", version, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def build_response_head(
+    version: bytes,
+    status: int,
+    reason: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    connection: bytes,
+) -> bytes:
+    """Serialise a response head without the worker's connection headers.
+
+    ``connection`` is the value this hop announces to the client (b"" for none).
+    """
+    parts = [b"HTTP/", version, b" %d " % status, reason, b"\r\n"]
+    for name, value in headers:
+        if name.lower() not in RESPONSE_DROP:
+            parts += (name, b": ", value, b"\r\n")
+    if connection:
+        parts += (b"Connection: ", connection, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """Frame one piece of a body in chunked transfer coding."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def target_path(target: bytes) -> bytes:
+    """The path part of a request target (query dropped)."""
+    q = target.find(b"?")
+    return target if q < 0 else target[:q]
+
+
+# Methods a proxy may safely resend (RFC 9110 §9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})

@@ -1,0 +1,41 @@
+"""Choosing a worker for a request: pure, no IO (SPEC §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flypool.pool.worker import Worker, WorkerState
+
+_READY = WorkerState.READY
+
+
+def pick(workers: Sequence[Worker], concurrency: int, exclude: object = None) -> Worker | None:
+    """The least busy READY worker with a free slot, or None.
+
+    Ties go to the newest generation (a release being rolled out gets traffic
+    at once, so a bad release shows its errors early), then to the worker idle
+    longest. ``concurrency`` 0 means unlimited. ``exclude`` is a worker (or a
+    container of workers) already tried for this request.
+    """
+    best: Worker | None = None
+    for w in workers:
+        if w.state is not _READY:
+            continue
+        if concurrency and w.inflight >= concurrency:
+            continue
+        if exclude is not None and (
+            w is exclude or (isinstance(exclude, (set, frozenset, list)) and w in exclude)
+        ):
+            continue
+        if best is None:
+            best = w
+            continue
+        if w.inflight != best.inflight:
+            if w.inflight < best.inflight:
+                best = w
+        elif w.generation != best.generation:
+            if w.generation > best.generation:
+                best = w
+        elif w.last_used < best.last_used:
+            best = w
+    return best

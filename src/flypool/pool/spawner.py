@@ -1,0 +1,230 @@
+"""Starting, probing and stopping one worker process (SPEC §2).
+
+Workers are started with ``create_subprocess_exec`` (fork+exec by libuv;
+nothing else forks the event-loop process), in a session of their own so a
+stop reaches their children, and through util-linux ``setpriv
+--pdeathsig`` so that a daemon killed with SIGKILL takes its workers with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+from flypool.config import AppConfig
+from flypool.pool.worker import Worker, WorkerState
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+SETPRIV = shutil.which("setpriv")
+MAX_SOCKET_PATH = 107
+
+
+class SpawnError(Exception):
+    """The worker could not be started or never became ready."""
+
+
+def resolve_release(root: str) -> str:
+    """The directory ``root`` points to right now (symlinks resolved)."""
+    release = os.path.realpath(root)
+    if not os.path.isdir(release):
+        raise SpawnError(f"root {root!r} does not resolve to a directory (got {release!r})")
+    return release
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def worker_address(cfg: AppConfig, number: int, runtime_dir: str) -> str:
+    """A private socket path (or 127.0.0.1:port) for worker ``number``."""
+    if cfg.worker_bind == "tcp":
+        return f"127.0.0.1:{_free_port()}"
+    path = os.path.join(runtime_dir, f"{cfg.name}.{number}.sock")
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise SpawnError(
+            f"worker socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes; "
+            "use a shorter runtime_dir or app name"
+        )
+    return path
+
+
+def build_argv(cfg: AppConfig, address: str) -> list[str]:
+    """The command with ``{socket}``/``{port}`` filled in, wrapped for pdeathsig/user."""
+    port = address.rpartition(":")[2] if not address.startswith("/") else ""
+    argv = [a.replace("{socket}", address).replace("{port}", port) for a in cfg.command]
+    if SETPRIV is None:
+        return argv
+    prefix = [SETPRIV, "--pdeathsig", "TERM"]
+    if os.geteuid() == 0 and cfg.user:
+        prefix += ["--reuid", cfg.user, "--init-groups"]
+        if cfg.group:
+            prefix += ["--regid", cfg.group]
+    elif os.geteuid() == 0 and cfg.group:
+        prefix += ["--regid", cfg.group, "--clear-groups"]
+    return [*prefix, "--", *argv]
+
+
+def build_env(cfg: AppConfig, number: int, address: str) -> dict[str, str]:
+    """The worker's environment: the daemon's, the app's ``env`` and FLYPOOL_* (SPEC §2)."""
+    env = dict(os.environ)
+    env.update(cfg.env)
+    env["FLYPOOL_APP"] = cfg.name
+    env["FLYPOOL_WORKER"] = str(number)
+    env.pop("FLYPOOL_SOCKET", None)
+    env.pop("PORT", None)
+    if address.startswith("/"):
+        env["FLYPOOL_SOCKET"] = address
+    else:
+        env["PORT"] = address.rpartition(":")[2]
+    # The daemon's own control variables are not for apps.
+    for key in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    return env
+
+
+async def start(cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> asyncio.subprocess.Process:
+    """Exec the worker; its output is read and logged by background tasks."""
+    if w.address.startswith("/"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(w.address)
+    argv = build_argv(cfg, w.address)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=w.release,
+            env=build_env(cfg, w.number, w.address),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise SpawnError(f"cannot start {cfg.command[0]!r}: {exc}") from exc
+    w.proc = proc
+    w.pid = proc.pid
+    assert proc.stdout is not None and proc.stderr is not None
+    for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        asyncio.get_running_loop().create_task(_pump(stream, name, w, cfg.name, log))
+    return proc
+
+
+async def _pump(
+    stream: asyncio.StreamReader, name: str, w: Worker, app: str, log: FilteringBoundLogger
+) -> None:
+    """Log each line the worker writes, and keep the last ones for status."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            # A line over the reader's limit: take what is buffered as one line.
+            line = await stream.read(65536)
+        if not line:
+            return
+        text = line.decode(errors="replace").rstrip("\r\n")
+        w.output.append(text)
+        log.info("worker output", app=app, pid=w.pid, stream=name, line=text)
+
+
+async def _probe(cfg: AppConfig, address: str) -> bool:
+    """One readiness attempt: connect, then GET ready_path when configured."""
+    try:
+        if address.startswith("/"):
+            reader, writer = await asyncio.open_unix_connection(address)
+        else:
+            host, _, port = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return False
+    try:
+        if not cfg.ready_path:
+            return True
+        writer.write(
+            b"GET %s HTTP/1.1\r\nHost: localhost\r\nUser-Agent: flypool-probe\r\n"
+            b"Connection: close\r\n\r\n" % cfg.ready_path.encode()
+        )
+        status_line = await asyncio.wait_for(reader.readline(), 5.0)
+        parts = status_line.split()
+        return len(parts) >= 2 and parts[1].startswith(b"2")
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def wait_ready(cfg: AppConfig, w: Worker, proc: asyncio.subprocess.Process) -> None:
+    """Return once the worker is ready; raise SpawnError when it exits or times out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.start_timeout
+    delay = 0.005
+    while True:
+        if proc.returncode is not None:
+            raise SpawnError(f"exited with status {describe_exit(proc.returncode)} before ready")
+        if await _probe(cfg, w.address) and _running(proc):
+            return
+        if loop.time() >= deadline:
+            what = f"GET {cfg.ready_path} did not answer 2xx" if cfg.ready_path else "no listener"
+            raise SpawnError(f"not ready within start_timeout {cfg.start_timeout:g}s ({what})")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _running(proc: asyncio.subprocess.Process) -> bool:
+    # A separate call so the type checker doesn't assume returncode is unchanged.
+    return proc.returncode is None
+
+
+def describe_exit(code: int) -> str:
+    """Exit code as shown to operators (negative codes are signals)."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return str(code)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def stop(w: Worker, sig: int, timeout: float, log: FilteringBoundLogger) -> None:
+    """Signal the worker's process group, then SIGKILL it after ``timeout``."""
+    proc: Any = w.proc
+    if w.state is not WorkerState.EXITED:
+        w.transition(WorkerState.STOPPING)
+    if proc is None or proc.returncode is not None:
+        return
+    _signal_group(w.pid, sig)
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+    except TimeoutError:
+        log.warning("worker ignored stop signal; killing", pid=w.pid, timeout=timeout)
+        _signal_group(w.pid, signal.SIGKILL)
+        await proc.wait()
+    # Children of the worker that outlived it (same process group).
+    _signal_group(w.pid, signal.SIGKILL)
+
+
+def cleanup_socket(w: Worker) -> None:
+    """Remove the worker's socket file if the worker left it behind."""
+    if w.address.startswith("/"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(w.address)

@@ -1,0 +1,700 @@
+"""Tests for the bundled example worker (`python -m flypool.example`) and its WSGI twin.
+
+Every test runs real processes on real sockets. Socket paths live in short
+directories under /tmp (Unix socket paths are limited to about 107 bytes),
+every wait has a deadline, and every process started here is killed, with
+its process group, when its test ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+DEADLINE = 10.0
+"""Seconds any single wait in these tests may take before it fails."""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child: flypool importable, no inherited knobs."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EXAMPLE_", "FLYPOOL_")) and k != "PORT"
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def wait_until(pred: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Poll `pred` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """`http.client` over a Unix socket."""
+
+    def __init__(self, path: str, timeout: float = DEADLINE) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        """Connect to the Unix socket instead of host:port."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass
+class Proc:
+    """A started process, its directory and where its output goes."""
+
+    popen: subprocess.Popen[bytes]
+    cwd: str
+    socket_path: str
+    stdout_path: str
+    stderr_path: str
+
+    @property
+    def pid(self) -> int:
+        """The PID of the process we started."""
+        return self.popen.pid
+
+    def output(self) -> tuple[str, str]:
+        """(stdout, stderr) so far."""
+        return Path(self.stdout_path).read_text(), Path(self.stderr_path).read_text()
+
+    def connect(self) -> socket.socket:
+        """A raw socket connected to the worker's Unix socket."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(DEADLINE)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def http(self) -> UnixHTTPConnection:
+        """An HTTP connection to the worker's Unix socket."""
+        return UnixHTTPConnection(self.socket_path)
+
+    def wait_exit(self, timeout: float = DEADLINE) -> int:
+        """Wait for the process to exit and return its status."""
+        return self.popen.wait(timeout)
+
+    def wait_listening(self) -> None:
+        """Poll-connect until the socket accepts; fail early if the process dies."""
+
+        def accepts() -> bool:
+            if self.popen.poll() is not None:
+                out, err = self.output()
+                pytest.fail(f"exited with {self.popen.returncode}:\n{out}{err}")
+            try:
+                self.connect().close()
+            except OSError:
+                return False
+            return True
+
+        wait_until(accepts, f"{self.socket_path} to accept connections")
+
+
+class Launcher:
+    """Starts processes in their own session and kills each group at `close`."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+        self.dirs: list[str] = []
+
+    def short_dir(self) -> str:
+        """A fresh directory with a short path (room for a socket name)."""
+        path = tempfile.mkdtemp(prefix="fpx", dir="/tmp")
+        self.dirs.append(path)
+        return path
+
+    def start(
+        self,
+        args: list[str] | None = None,
+        *,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Proc:
+        """Start the example (with `args`) or `command`, in `cwd` (a new short dir)."""
+        cwd = cwd or self.short_dir()
+        socket_path = os.path.join(cwd, "w.sock")
+        if command is None:
+            command = [sys.executable, "-m", "flypool.example", *(args or [])]
+        command = [part.replace("{socket}", socket_path) for part in command]
+        stdout_path = os.path.join(cwd, "stdout.log")
+        stderr_path = os.path.join(cwd, "stderr.log")
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            popen = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env if env is not None else child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,  # so close() can kill its children too (gunicorn)
+            )
+        proc = Proc(popen, cwd, socket_path, stdout_path, stderr_path)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        """Kill every process group we started, reap them, remove the directories."""
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.popen.wait(DEADLINE)
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def launcher() -> Iterator[Launcher]:
+    """A `Launcher` whose processes die with the test."""
+    launcher = Launcher()
+    try:
+        yield launcher
+    finally:
+        launcher.close()
+
+
+LOOPS = ["uvloop", "asyncio"]
+"""The example uses uvloop when it can and plain asyncio under a bare python3: test both."""
+
+
+def loop_env(loop: str, **extra: str) -> dict[str, str]:
+    """`child_env` for a worker on `loop` (skipping the test if uvloop is missing)."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+        return child_env(**extra)
+    return child_env(EXAMPLE_NO_UVLOOP="1", **extra)
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def worker(request: pytest.FixtureRequest) -> Iterator[Proc]:
+    """One example worker per event loop, shared by the tests that do not change its state."""
+    env = loop_env(request.param, FLYPOOL_WORKER="3")
+    launcher = Launcher()
+    try:
+        proc = launcher.start(["--socket", "{socket}"], env=env)
+        proc.wait_listening()
+        yield proc
+    finally:
+        launcher.close()
+
+
+@dataclass
+class RawResponse:
+    """A response read off a raw socket."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def read_response(f: BinaryIO) -> RawResponse:
+    """Read one response (Content-Length or chunked framing, or none) from `f`."""
+    status_line = f.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = f.read(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while size := int(f.readline().split(b";")[0], 16):
+            parts.append(f.read(size))
+            assert f.read(2) == b"\r\n"
+        assert f.readline() == b"\r\n"
+        body = b"".join(parts)
+    else:
+        body = b""
+    return RawResponse(int(status_line.split()[1]), headers, body)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Receive exactly `n` bytes (the socket has a timeout)."""
+    parts = []
+    while n:
+        data = sock.recv(min(n, 1 << 20))
+        assert data, "connection closed early"
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+def expected_body(proc: Proc, worker: str) -> bytes:
+    """What `GET /` answers for `proc`."""
+    return f"pid={proc.pid} worker={worker} release={os.path.realpath(proc.cwd)}\n".encode()
+
+
+# HTTP behaviour, on the shared worker
+
+
+def test_get_keeps_the_connection_alive(worker: Proc) -> None:
+    """Several GETs go over one connection and carry the worker's identity."""
+    conn = worker.http()
+    try:
+        first_sock = None
+        for _ in range(5):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.read() == expected_body(worker, "3")
+            assert resp.getheader("X-Worker-Pid") == str(worker.pid)
+            assert resp.getheader("X-Worker-Id") == "3"
+            assert resp.getheader("X-Release") == os.path.basename(worker.cwd)
+            assert not resp.will_close
+            first_sock = first_sock or conn.sock
+            assert conn.sock is first_sock  # http.client would have reconnected
+    finally:
+        conn.close()
+
+
+def test_size_status_and_head(worker: Proc) -> None:
+    """`size=` gives exactly N bytes (streamed when large), `status=` the code, HEAD no body."""
+    conn = worker.http()
+    try:
+        for size in (0, 10, 65536, 65537, 3_000_000):
+            conn.request("GET", f"/?size={size}")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.getheader("Content-Length") == str(size)
+            assert resp.read() == b"x" * size
+        conn.request("GET", "/?status=503&size=3")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (503, b"xxx")
+        conn.request("HEAD", "/?size=1000000")
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Length") == "1000000"
+        assert resp.read() == b""
+        conn.request("GET", "/?size=-1")
+        resp = conn.getresponse()
+        assert resp.status == 400
+        resp.read()
+    finally:
+        conn.close()
+
+
+def test_chunked_response(worker: Proc) -> None:
+    """`/chunked` streams N bytes in 64 KiB chunks, then keeps the connection."""
+    with worker.connect() as sock, sock.makefile("rb") as f:
+        for size in (0, 100, 200_000):
+            sock.sendall(f"GET /chunked?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            resp = read_response(f)
+            assert resp.status == 200
+            assert resp.headers["transfer-encoding"] == "chunked"
+            assert "content-length" not in resp.headers
+            assert resp.body == b"x" * size
+
+
+def test_upload_hashes_the_body_as_it_streams(worker: Proc) -> None:
+    """`/upload` and `/echo-sha` answer sha256 and length of a Content-Length or chunked body."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    want = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    conn = worker.http()
+    try:
+        conn.request("POST", "/upload", body=data)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("Content-Type") == "application/json"
+        assert json.loads(resp.read()) == want
+
+        pieces = (data[i : i + 70_001] for i in range(0, len(data), 70_001))
+        conn.request("PUT", "/echo-sha", body=pieces, encode_chunked=True)
+        resp = conn.getresponse()
+        assert json.loads(resp.read()) == want
+
+        conn.request("POST", "/echo", body=b"hello there", headers={"Content-Type": "x/y"})
+        resp = conn.getresponse()
+        assert (resp.read(), resp.getheader("Content-Type")) == (b"hello there", "x/y")
+    finally:
+        conn.close()
+
+
+def test_headers_route_shows_what_was_received(worker: Proc) -> None:
+    """`/headers` lists the request's header fields in order, with method, target and version."""
+    with worker.connect() as sock, sock.makefile("rb") as f:
+        sock.sendall(
+            b"GET /headers?a=1 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n"
+            b"X-Dup: 1\r\nX-Dup:  2 \r\n\r\n"
+        )
+        resp = read_response(f)
+    got = json.loads(resp.body)
+    assert got["method"] == "GET"
+    assert got["target"] == "/headers?a=1"
+    assert got["version"] == "HTTP/1.1"
+    assert got["headers"] == [
+        ["Host", "x"],
+        ["X-Forwarded-For", "10.0.0.1"],
+        ["X-Dup", "1"],
+        ["X-Dup", "2"],
+    ]
+
+
+def test_pipelined_requests_are_answered_in_order(worker: Proc) -> None:
+    """A slow first request does not let later pipelined ones overtake it."""
+    with worker.connect() as sock, sock.makefile("rb") as f:
+        sock.sendall(
+            b"GET /?delay=0.05&size=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        first, second, third = (read_response(f) for _ in range(3))
+    assert first.body == b"x"
+    assert json.loads(second.body)["sha256"] == hashlib.sha256(b"abc").hexdigest()
+    assert (third.status, third.body) == (200, b"ok")
+
+
+def test_upgrade_becomes_a_raw_echo(worker: Proc) -> None:
+    """`/ws` with Upgrade answers 101 (with Sec-WebSocket-Accept) and then echoes bytes."""
+    with worker.connect() as sock, sock.makefile("rb") as f:
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        resp = read_response(f)
+        assert resp.status == 101
+        assert resp.headers["upgrade"] == "websocket"
+        assert resp.headers["connection"] == "Upgrade"
+        # The example from RFC 6455 §1.3.
+        assert resp.headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        assert "x-worker-pid" in resp.headers
+        payload = os.urandom(300_000) + b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+        sock.sendall(payload)
+        assert f.read(len(payload)) == payload
+    with worker.connect() as sock:
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, upgrade\r\n"
+            b"Upgrade: echo\r\n\r\nearly bytes"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: echo\r\n" in head
+        assert recv_exactly(sock, 11) == b"early bytes"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NOT A REQUEST\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_bad_requests_are_refused_and_closed(
+    worker: Proc, request_bytes: bytes, status: int
+) -> None:
+    """Malformed heads and ambiguous framing get an error answer, then the connection closes."""
+    with worker.connect() as sock, sock.makefile("rb") as f:
+        sock.sendall(request_bytes)
+        resp = read_response(f)
+        assert resp.status == status
+        assert resp.headers["connection"] == "close"
+        assert f.read() == b""
+
+
+def test_connection_close_rules(worker: Proc) -> None:
+    """HTTP/1.0 closes unless asked to keep alive; `/close` and `Connection: close` close."""
+    for request, closes in [
+        (b"GET / HTTP/1.0\r\n\r\n", True),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", True),
+        (b"GET /close HTTP/1.1\r\n\r\n", True),
+    ]:
+        with worker.connect() as sock, sock.makefile("rb") as f:
+            sock.sendall(request)
+            resp = read_response(f)
+            assert resp.status == 200
+            if closes:
+                assert resp.headers["connection"] == "close"
+                assert f.read() == b""
+            else:
+                assert resp.headers["connection"] == "keep-alive"
+                sock.sendall(b"GET /ready HTTP/1.0\r\n\r\n")
+                assert read_response(f).body == b"ok"
+
+
+# Process behaviour: each test starts its own worker
+
+
+def test_port_mode_prints_its_address(launcher: Launcher) -> None:
+    """`--port 0` listens on 127.0.0.1 and says where in its first stdout line."""
+    proc = launcher.start(["--port", "0"], env=child_env(FLYPOOL_WORKER="9"))
+    pattern = re.compile(r"example: listening on 127\.0\.0\.1:(\d+) pid=(\d+) worker=9 release=")
+    wait_until(lambda: pattern.match(proc.output()[0]) is not None, "the listening line")
+    match = pattern.match(proc.output()[0])
+    assert match is not None and int(match[2]) == proc.pid
+    conn = http.client.HTTPConnection("127.0.0.1", int(match[1]), timeout=DEADLINE)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, expected_body(proc, "9"))
+    finally:
+        conn.close()
+
+
+def test_environment_knobs(launcher: Launcher) -> None:
+    """FLYPOOL_SOCKET picks the socket; EXAMPLE_DELAY and EXAMPLE_READY_STATUS apply."""
+    cwd = launcher.short_dir()
+    env = child_env(
+        FLYPOOL_SOCKET=os.path.join(cwd, "w.sock"),
+        EXAMPLE_DELAY="0.2",
+        EXAMPLE_READY_STATUS="503",
+    )
+    proc = launcher.start([], env=env, cwd=cwd)
+    proc.wait_listening()
+    conn = proc.http()
+    try:
+        for target, status, slow in [
+            ("/", 200, True),
+            ("/?delay=0", 200, False),
+            ("/ready", 503, False),
+        ]:
+            started = time.monotonic()
+            conn.request("GET", target)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == status
+            assert (time.monotonic() - started >= 0.2) is slow, target
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigterm_finishes_in_flight_requests_then_exits(launcher: Launcher, loop: str) -> None:
+    """SIGTERM closes idle connections, finishes the busy one, removes the socket, exits 0."""
+    proc = launcher.start(["--socket", "{socket}"], env=loop_env(loop))
+    proc.wait_listening()
+    with (
+        proc.connect() as idle,
+        idle.makefile("rb") as idle_f,
+        proc.connect() as busy,
+        busy.makefile("rb") as busy_f,
+    ):
+        idle.sendall(b"GET /ready HTTP/1.1\r\n\r\n")
+        assert read_response(idle_f).body == b"ok"
+        # 100 Continue proves the worker holds this request before we signal it.
+        busy.sendall(b"POST /upload HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        assert busy_f.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert busy_f.readline() == b"\r\n"
+
+        os.kill(proc.pid, signal.SIGTERM)
+        assert idle_f.read() == b""  # closed at once (not reset, not waited for)
+        busy.sendall(b"hello")
+        resp = read_response(busy_f)
+        assert resp.status == 200
+        assert resp.headers["connection"] == "close"
+        assert json.loads(resp.body)["bytes"] == 5
+        assert busy_f.read() == b""
+    assert proc.wait_exit() == 0
+    assert not os.path.exists(proc.socket_path)
+    assert "stopped" in proc.output()[1]
+
+
+def test_sigterm_waits_for_a_tunnel_until_the_graceful_timeout(launcher: Launcher) -> None:
+    """An Upgrade tunnel keeps echoing during the drain and is closed at the deadline."""
+    env = child_env(EXAMPLE_GRACEFUL_TIMEOUT="0.3")
+    proc = launcher.start(["--socket", "{socket}"], env=env)
+    proc.wait_listening()
+    with proc.connect() as sock, sock.makefile("rb") as f:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        assert read_response(f).status == 101
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: "stopping" in proc.output()[1], "the worker to see SIGTERM")
+        sock.sendall(b"still here")
+        assert f.read(10) == b"still here"
+        assert f.read() == b""
+    assert proc.wait_exit() == 0
+    assert time.monotonic() - started >= 0.3
+    assert not os.path.exists(proc.socket_path)
+
+
+def test_idle_keepalive_timeout(launcher: Launcher) -> None:
+    """EXAMPLE_KEEPALIVE_TIMEOUT closes idle connections only, and counts from the last answer."""
+    proc = launcher.start(["--socket", "{socket}"], env=child_env(EXAMPLE_KEEPALIVE_TIMEOUT="0.5"))
+    proc.wait_listening()
+    with proc.connect() as sock, sock.makefile("rb") as f:
+        started = time.monotonic()
+        for _ in range(6):  # 0.6 s in all: longer than the timeout, but never idle that long
+            sock.sendall(b"GET /ready HTTP/1.1\r\n\r\n")
+            assert read_response(f).body == b"ok"
+            time.sleep(0.1)
+        last = time.monotonic()
+        assert last - started > 0.5
+        assert f.read() == b""
+        assert time.monotonic() - last >= 0.4
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+def test_fail_at_boot(launcher: Launcher, how: str) -> None:
+    """EXAMPLE_FAIL_AT_BOOT or a `fail_at_boot` file: exit 3 after the boot delay, with a reason."""
+    cwd = launcher.short_dir()
+    env = child_env(EXAMPLE_BOOT_DELAY="0.2")
+    if how == "env":
+        env["EXAMPLE_FAIL_AT_BOOT"] = "1"
+    else:
+        Path(cwd, "fail_at_boot").touch()
+    started = time.monotonic()
+    proc = launcher.start(["--socket", "{socket}"], env=env, cwd=cwd)
+    assert proc.wait_exit() == 3
+    assert time.monotonic() - started >= 0.2
+    stderr = proc.output()[1].splitlines()
+    assert stderr == [
+        "example: failing at boot as asked (EXAMPLE_FAIL_AT_BOOT)",
+        "RuntimeError: boot failure requested",
+    ]
+    assert not os.path.exists(proc.socket_path)
+
+
+def test_ignore_sigterm(launcher: Launcher) -> None:
+    """With EXAMPLE_IGNORE_SIGTERM=1 the worker keeps serving after SIGTERM."""
+    proc = launcher.start(["--socket", "{socket}"], env=child_env(EXAMPLE_IGNORE_SIGTERM="1"))
+    proc.wait_listening()
+    os.kill(proc.pid, signal.SIGTERM)
+    conn = proc.http()
+    try:
+        conn.request("GET", "/ready")
+        assert conn.getresponse().read() == b"ok"
+    finally:
+        conn.close()
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait_exit(0.3)
+
+
+def test_never_ready_does_not_listen(launcher: Launcher) -> None:
+    """EXAMPLE_NEVER_READY=1 never creates its socket, and SIGTERM still stops it cleanly."""
+    proc = launcher.start(["--socket", "{socket}"], env=child_env(EXAMPLE_NEVER_READY="1"))
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait_exit(0.3)
+    assert not os.path.exists(proc.socket_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait_exit() == 0
+
+
+def test_crash_route_kills_the_worker(launcher: Launcher) -> None:
+    """`/crash` exits with status 1 without answering."""
+    proc = launcher.start(["--socket", "{socket}"])
+    proc.wait_listening()
+    with proc.connect() as sock:
+        sock.sendall(b"GET /crash HTTP/1.1\r\n\r\n")
+        assert sock.recv(1) == b""
+    assert proc.wait_exit() == 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_large_bodies_stream_with_bounded_memory(launcher: Launcher, loop: str) -> None:
+    """A 200 MB answer and a 64 MB chunked upload leave the worker's peak RSS small."""
+    proc = launcher.start(["--socket", "{socket}"], env=loop_env(loop))
+    proc.wait_listening()
+    size = 200_000_000
+    with proc.connect() as sock:
+        sock.sendall(f"GET /?size={size} HTTP/1.1\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        received = len(head) - head.index(b"\r\n\r\n") - 4
+        while received < size:
+            data = sock.recv(1 << 20)
+            assert data
+            received += len(data)
+        assert received == size
+
+        chunk = b"%x\r\n" % (1 << 20) + b"y" * (1 << 20) + b"\r\n"
+        sock.sendall(b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(64):
+            sock.sendall(chunk)
+        sock.sendall(b"0\r\n\r\n")
+        with sock.makefile("rb") as f:
+            assert json.loads(read_response(f).body)["bytes"] == 64 << 20
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1])  # type: ignore[index]
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
+
+
+def gunicorn_command() -> list[str]:
+    """The worker command of the brief, for the gunicorn installed here."""
+    gunicorn_config = pytest.importorskip("gunicorn.config")
+    command = [sys.executable, "-m", "gunicorn", "--bind", "unix:{socket}", "--workers", "1"]
+    if any("--no-control-socket" in (s.cli or ()) for s in gunicorn_config.KNOWN_SETTINGS):
+        # Recent gunicorn binds ~/.gunicorn/gunicorn.ctl by default, one path for all instances.
+        command.append("--no-control-socket")
+    return [*command, "flypool.example.wsgi:app"]
+
+
+def test_gunicorn_serves_the_wsgi_app(launcher: Launcher) -> None:
+    """gunicorn runs `flypool.example.wsgi:app` on a Unix socket and answers."""
+    proc = launcher.start(command=gunicorn_command(), env=child_env(FLYPOOL_WORKER="5"))
+    proc.wait_listening()
+    conn = proc.http()
+    try:
+        conn.request("GET", "/?delay=0.01")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        worker_pid = resp.getheader("X-Worker-Pid")
+        assert resp.status == 200
+        assert body == (
+            f"pid={worker_pid} worker=5 release={os.path.realpath(proc.cwd)} server=gunicorn\n"
+        )
+        assert worker_pid != str(proc.pid)  # the arbiter forks a worker process
+    finally:
+        conn.close()
+    conn = proc.http()
+    try:
+        conn.request("GET", "/ready")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"ok")
+    finally:
+        conn.close()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait_exit() == 0
+
+
+def test_gunicorn_fails_at_boot(launcher: Launcher) -> None:
+    """A `fail_at_boot` file makes the WSGI app raise at import, so gunicorn exits non-zero."""
+    cwd = launcher.short_dir()
+    Path(cwd, "fail_at_boot").touch()
+    proc = launcher.start(command=gunicorn_command(), cwd=cwd)
+    assert proc.wait_exit() != 0
+    assert "RuntimeError: boot failure requested" in proc.output()[1]
