@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -282,3 +283,79 @@ def running_daemon(
                         os.kill(pid, signal.SIGKILL)
         if directory is None:
             shutil.rmtree(d, ignore_errors=True)
+
+
+RELEASE_WORKER = [PYTHON, str(Path(__file__).parent / "apps" / "release_worker.py"), "{socket}"]
+
+
+class LoadGen:
+    """Keep-alive clients hammering the front socket until stopped; counts everything."""
+
+    def __init__(self, path: str, clients: int = 8, target: str = "/?delay=0.01") -> None:
+        self.path = path
+        self.clients = clients
+        self.target = target
+        self.statuses: dict[object, int] = {}
+        self.latencies: list[float] = []
+        self.bodies: set[bytes] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _count(self, key: object, latency: float, body: bytes) -> None:
+        with self._lock:
+            self.statuses[key] = self.statuses.get(key, 0) + 1
+            self.latencies.append(latency)
+            self.bodies.add(body.split(b" release=")[-1])
+
+    def _run(self) -> None:
+        conn = UnixHTTPConnection(self.path, 30)
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                conn.request("GET", self.target)
+                resp = conn.getresponse()
+                body = resp.read()
+                self._count(resp.status, time.monotonic() - t0, body)
+                if resp.getheader("connection", "").lower() == "close":
+                    conn.close()
+            except OSError as exc:
+                self._count(type(exc).__name__, time.monotonic() - t0, b"")
+                conn.close()
+        conn.close()
+
+    def __enter__(self) -> LoadGen:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+    def failures(self) -> dict[object, int]:
+        return {k: v for k, v in self.statuses.items() if k != 200}
+
+
+def make_release(base: Path, name: str) -> Path:
+    """releases/NAME with a tmp/ directory, like a Capistrano release."""
+    rel = base / "releases" / name
+    (rel / "tmp").mkdir(parents=True, exist_ok=True)
+    return rel
+
+
+def point_current(base: Path, release: Path) -> None:
+    """`ln -sfn releases/X current`, atomically."""
+    tmp = base / "current.tmp"
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(release)
+    os.replace(tmp, base / "current")

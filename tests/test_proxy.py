@@ -263,6 +263,7 @@ def test_gunicorn_worker_end_to_end() -> None:
         "unix:{socket}",
         "--workers",
         "1",
+        "--no-control-socket",
         "flypool.example.wsgi:app",
     ]
     with running_daemon({"workers": 2, "command": gunicorn}) as d:

@@ -102,8 +102,19 @@ class AppPool:
     # -- keeping the count ---------------------------------------------------------------
 
     def live_workers(self) -> list[Worker]:
-        """Workers that count towards the target: spawning or ready."""
-        return [w for w in self.workers if w.state in (WorkerState.SPAWNING, WorkerState.READY)]
+        """Workers that count towards the target: spawning or ready, not on their way out."""
+        return [
+            w
+            for w in self.workers
+            if w.state in (WorkerState.SPAWNING, WorkerState.READY) and not w.retiring
+        ]
+
+    def mark_retiring(self, w: Worker) -> None:
+        """Take ``w`` out of routing and of the live count now; it stops later."""
+        w.retiring = True
+        if w.state is WorkerState.READY:
+            w.transition(WorkerState.DRAINING)
+            self.router.retire_idle(w)
 
     def maintain(self) -> None:
         """Spawn or retire workers until the live count matches the target."""
@@ -127,6 +138,7 @@ class AppPool:
                 live, key=lambda w: (w.state is WorkerState.READY, -w.generation, w.inflight)
             )[:-missing]
             for w in extra:
+                self.mark_retiring(w)
                 self.task(self.retire(w))
 
     def _arm_backoff(self) -> None:
@@ -188,6 +200,8 @@ class AppPool:
             try:
                 await spawner.wait_ready(cfg, w, proc)
             except spawner.SpawnError as exc:
+                if w.retiring:
+                    raise  # stopped on purpose (scale down, shutdown): not a failure
                 if w.state is WorkerState.SPAWNING:
                     await spawner.stop(w, cfg.stop_signal, min(cfg.stop_timeout, 5.0), self.log)
                     await proc.wait()
@@ -195,7 +209,7 @@ class AppPool:
                 await asyncio.sleep(0)
                 self._spawn_failed(w, str(exc), for_maintain)
                 raise
-            if w.state is not WorkerState.SPAWNING or self.stopping:
+            if w.state is not WorkerState.SPAWNING or w.retiring or self.stopping:
                 raise spawner.SpawnError("stopped before it became ready")
             w.transition(WorkerState.READY)
             w.last_used = self.loop.time()

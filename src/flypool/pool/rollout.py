@@ -65,7 +65,11 @@ class Rollout:
     # -- queries -----------------------------------------------------------------
 
     def _old(self) -> list[Worker]:
-        return [w for w in self.pool.workers if w.generation < self.generation and w.state in _LIVE]
+        return [
+            w
+            for w in self.pool.workers
+            if w.generation < self.generation and w.state in _LIVE and not w.retiring
+        ]
 
     def progress(self) -> dict[str, Any]:
         """The ``restart`` object of status."""
@@ -127,7 +131,7 @@ class Rollout:
         cfg = pool.cfg
         while self.aborted is None:
             old = self._old()
-            live = [w for w in pool.workers if w.state in _LIVE]
+            live = pool.live_workers()
             missing = pool.target - len(live)
             if not old and missing <= 0:
                 return
@@ -141,7 +145,7 @@ class Rollout:
             failed = [r for r in results if isinstance(r, BaseException)]
             ready = [r for r in results if isinstance(r, Worker)]
             # Retire as many old workers as the new ones make superfluous.
-            live_now = [w for w in pool.workers if w.state in _LIVE]
+            live_now = pool.live_workers()
             surplus = max(0, len(live_now) - pool.target)
             to_retire = self._pick_old(min(surplus, len(ready)))
             if failed:
@@ -170,6 +174,8 @@ class Rollout:
         if not workers:
             return
         self.replacing = list(workers)
+        for w in workers:
+            self.pool.mark_retiring(w)
         await asyncio.gather(*(self.pool.retire(w) for w in workers))
         self.done += len(workers)
         self.replacing = []
@@ -178,6 +184,8 @@ class Rollout:
         pool = self.pool
         old = self._old()
         self.replacing = list(old)
+        for w in old:
+            pool.mark_retiring(w)
         await asyncio.gather(*(pool.retire(w) for w in old))
         self.done = len(old)
         self.replacing = []

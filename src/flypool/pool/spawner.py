@@ -212,6 +212,7 @@ async def stop(w: Worker, sig: int, timeout: float, log: FilteringBoundLogger) -
         w.transition(WorkerState.STOPPING)
     if proc is None or proc.returncode is not None:
         return
+    log.info("stopping worker", pid=w.pid, signal=signal.Signals(sig).name)
     _signal_group(w.pid, sig)
     try:
         await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)

@@ -69,6 +69,7 @@ class Worker:
         "processed",
         "release",
         "restarts",
+        "retiring",
         "rss_bytes",
         "started_at",
         "state",
@@ -92,6 +93,9 @@ class Worker:
         self.cpu_percent = 0.0
         self.rss_bytes = 0
         self.exit_status: int | None = None
+        # Set the moment the pool decides to stop this worker, so a decision
+        # taken just after (another TTOU, a restart) does not pick it again.
+        self.retiring = False
         # Idle keep-alive upstream connections (flypool.http.upstream objects).
         self.idle_conns: list[Any] = []
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
