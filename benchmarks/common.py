@@ -290,6 +290,36 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def unix_http_get(
+    socket_path: str | Path, path: str = "/", timeout: float = 2.0
+) -> tuple[int, bytes] | None:
+    """``GET path`` over a Unix socket; ``(status, body)``, or ``None`` when it cannot connect."""
+    conn = UnixHTTPConnection(str(socket_path), timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_unix_http_ok(
+    socket_path: str | Path,
+    path: str = "/",
+    timeout: float = 30.0,
+    alive: Callable[[], str | None] | None = None,
+) -> None:
+    """Wait until ``GET path`` over the Unix socket ``socket_path`` answers 2xx."""
+
+    def check() -> bool | None:
+        answer = unix_http_get(socket_path, path, timeout=min(2.0, timeout))
+        return True if answer is not None and 200 <= answer[0] < 300 else None
+
+    poll_until(check, timeout, f"GET {path} on unix:{socket_path} to answer 2xx", alive)
+
+
 def admin_request(
     admin_socket: str | Path, method: str, path: str, timeout: float = 5.0
 ) -> tuple[int, Any]:
@@ -354,6 +384,8 @@ class FlypoolDaemon:
     admin_socket: Path
     worker_pids: dict[int, int] = field(default_factory=dict)
     """Worker PID → start ticks, as last seen in the status; checked on `stop`."""
+    unix_socket: Path | None = None
+    """The front listener's Unix socket, when it listens on one (``host``/``port`` unused)."""
 
     @property
     def pid(self) -> int:
@@ -362,7 +394,9 @@ class FlypoolDaemon:
 
     @property
     def url(self) -> str:
-        """The front listener's URL."""
+        """The front listener's URL (``unix:PATH`` for a Unix socket listener)."""
+        if self.unix_socket is not None:
+            return f"unix:{self.unix_socket}"
         return f"http://{self.host}:{self.port}/"
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -442,6 +476,7 @@ def start_flypool(
     extra_args: Sequence[str] = (),
     root: Path | None = None,
     ready_timeout: float = 60.0,
+    listen: str | None = None,
 ) -> FlypoolDaemon:
     """Start ``python -m flypool run`` for one app on ``host:port`` and wait for its workers.
 
@@ -449,11 +484,22 @@ def start_flypool(
     for flypool to fill). The daemon gets a fresh short ``/tmp`` directory for
     its admin socket, runtime directory and log, JSON logs, and ``--root``
     (default: that directory). ``extra_args`` go before the ``--``, e.g.
-    ``["--worker-concurrency", "0"]``. Returns once ``workers`` workers are
-    ready according to ``GET /status`` on the admin socket.
+    ``["--worker-concurrency", "0"]``. ``listen`` replaces ``host:port`` as
+    the front address; it may contain ``{tmpdir}`` (e.g.
+    ``"unix:{tmpdir}/app.sock"``). Returns once ``workers`` workers are
+    ready according to ``GET /status`` on the admin socket and ``GET /``
+    on the front listener answers 2xx.
     """
     tmpdir = short_tmpdir()
-    port = free_port(host) if port is None else port
+    unix_socket: Path | None = None
+    if listen is None:
+        port = free_port(host) if port is None else port
+        listen = f"{host}:{port}"
+    else:
+        listen = listen.format(tmpdir=tmpdir)
+        host, port = "", 0
+        if listen.startswith("unix:"):
+            unix_socket = Path(listen.removeprefix("unix:"))
     admin_socket = tmpdir / "admin.sock"
     argv = [
         PYTHON,
@@ -461,7 +507,7 @@ def start_flypool(
         "flypool",
         "run",
         "--listen",
-        f"{host}:{port}",
+        listen,
         "--workers",
         str(workers),
         "--admin-socket",
@@ -478,11 +524,19 @@ def start_flypool(
     ]
     proc = start_process("flypool", argv, tmpdir / "flypool.log", cwd=tmpdir)
     daemon = FlypoolDaemon(
-        proc=proc, host=host, port=port, tmpdir=tmpdir, admin_socket=admin_socket
+        proc=proc,
+        host=host,
+        port=port,
+        tmpdir=tmpdir,
+        admin_socket=admin_socket,
+        unix_socket=unix_socket,
     )
     try:
         daemon.wait_ready(workers, ready_timeout)
-        wait_http_ok(host, port, "/", timeout=ready_timeout, alive=proc.exited)
+        if unix_socket is not None:
+            wait_unix_http_ok(unix_socket, "/", timeout=ready_timeout, alive=proc.exited)
+        elif port:
+            wait_http_ok(host, port, "/", timeout=ready_timeout, alive=proc.exited)
     except BenchmarkError as err:
         tail = log_tail(proc.log_path)  # before `stop` removes the directory
         daemon.stop()
@@ -493,6 +547,29 @@ def start_flypool(
         daemon.stop()
         raise
     return daemon
+
+
+def read_json_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``--log-format json`` log, one a line; other lines are skipped.
+
+    Read it before `FlypoolDaemon.stop`, which removes the directory holding it.
+    """
+    events: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        raise BenchmarkError(f"cannot read the log {path}: {err}") from err
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 # --------------------------------------------------------------------------- /proc

@@ -291,8 +291,15 @@ RELEASE_WORKER = [PYTHON, str(Path(__file__).parent / "apps" / "release_worker.p
 class LoadGen:
     """Keep-alive clients hammering the front socket until stopped; counts everything."""
 
-    def __init__(self, path: str, clients: int = 8, target: str = "/?delay=0.01") -> None:
+    def __init__(
+        self,
+        path: str,
+        clients: int = 8,
+        target: str = "/?delay=0.01",
+        tcp: tuple[str, int] | None = None,
+    ) -> None:
         self.path = path
+        self.tcp = tcp
         self.clients = clients
         self.target = target
         self.statuses: dict[object, int] = {}
@@ -309,7 +316,11 @@ class LoadGen:
             self.bodies.add(body.split(b" release=")[-1])
 
     def _run(self) -> None:
-        conn = UnixHTTPConnection(self.path, 30)
+        conn: http.client.HTTPConnection
+        if self.tcp is not None:
+            conn = http.client.HTTPConnection(self.tcp[0], self.tcp[1], timeout=30)
+        else:
+            conn = UnixHTTPConnection(self.path, 30)
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
@@ -359,3 +370,21 @@ def point_current(base: Path, release: Path) -> None:
         tmp.unlink()
     tmp.symlink_to(release)
     os.replace(tmp, base / "current")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, target: str = "/", timeout: float = 10.0) -> tuple[int, bytes]:
+    """One GET over TCP to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

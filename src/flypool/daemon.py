@@ -18,7 +18,7 @@ from flypool import systemd
 from flypool.admin.routes import AdminRoutes
 from flypool.admin.server import start_admin
 from flypool.config import AppConfig, Config, ConfigError
-from flypool.http.client import ServerState
+from flypool.http.client import Request, ServerState
 from flypool.http.router import Router
 from flypool.http.server import ListenError, bind, remove_socket_file, serve, sweep
 from flypool.pool.app import AppPool
@@ -117,6 +117,8 @@ class Daemon:
             loop.create_task(run_sampler(SAMPLE_INTERVAL, self._all_workers, self._sampled))
         )
         for pool in self.pools.values():
+            if d.access_log:
+                pool.router.access_log = make_access_logger(pool.name, loop)
             pool.start()
             self.tasks.append(loop.create_task(watch_restart_file(pool, self._file_restart)))
         self.tasks.append(loop.create_task(self._notify_ready()))
@@ -140,9 +142,13 @@ class Daemon:
     ) -> None:
         pool = self.pools[app.name]
         for addr in app.listen:
-            sock = inherited.pop(str(addr), None) or bind(addr, app.listen_mode)
+            sock = inherited.pop(str(addr), None)
+            if sock is None:
+                sock = bind(addr, app.listen_mode)
+                # Only sockets we bound are ours to remove; an inherited
+                # (socket-activated) one must outlive this process.
+                self.listen_addrs.append(addr)
             self.servers.append(await serve(loop, sock, pool.router, self.state))
-            self.listen_addrs.append(addr)
 
     def routers(self) -> list[Router]:
         """Routers of every app (the sweeper iterates this list)."""
@@ -330,6 +336,27 @@ class Daemon:
                 os.unlink(self.config.daemon.pid_file)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("flypool stopped")
+
+
+def make_access_logger(
+    app: str, loop: asyncio.AbstractEventLoop
+) -> Callable[[Request, int, Worker | None], None]:
+    """One structured event per finished request (access_log = true)."""
+    log = flog.get_logger(app=app)
+
+    def access(req: Request, status: int, worker: Worker | None) -> None:
+        now = loop.time()
+        log.info(
+            "request",
+            method=req.method.decode(),
+            path=req.target.decode("latin-1"),
+            status=status,
+            duration_ms=round((now - req.started_at) * 1000, 3) if req.started_at else None,
+            queue_ms=round(req.queue_wait * 1000, 3),
+            worker_pid=worker.pid if worker is not None else None,
+        )
+
+    return access
 
 
 def _with_listen(app: AppConfig, listen: Any) -> AppConfig:

@@ -98,10 +98,12 @@ class Request:
         "keep_alive",
         "local",
         "method",
+        "queue_wait",
         "queued_at",
         "replay",
         "response_started",
         "started_at",
+        "target",
         "timer",
         "tried",
         "upgrade",
@@ -129,7 +131,9 @@ class Request:
         self.local = False
         self.upgrade = False
         self.queued_at = 0.0
+        self.queue_wait = 0.0
         self.started_at = 0.0
+        self.target = b""
         self.response_started = False
         self.timer: asyncio.TimerHandle | None = None
         self.tried: set[Worker] | None = None
@@ -282,6 +286,7 @@ class ClientConnection(asyncio.Protocol):
             head = build_request_head(method, self._url, version.encode(), self._headers)
         self._raw_ok = False
         req = Request(self, head, method)
+        req.target = self._url
         req.http10 = version == "1.0"
         req.keep_alive = parser.should_keep_alive() and not self.state.shutting_down
         req.upgrade = parser.should_upgrade()
@@ -415,6 +420,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             up.park()
         close = not req.keep_alive or not req.complete or (req.upgrade and not up.tunnel)
+        if router.access_log is not None:
+            router.access_log(req, up.status, w)
         router.release(req)
         self._finish(req, close=close)
 
@@ -447,12 +454,15 @@ class ClientConnection(asyncio.Protocol):
         """Answer ``req`` with an error of the daemon's own and close."""
         if req.done:
             return
-        self.router.stats.by_class[status // 100] += 1
+        router = self.router
+        router.stats.by_class[status // 100] += 1
+        if router.access_log is not None:
+            router.access_log(req, status, req.worker)
         up = req.upstream
         if up is not None:
             req.upstream = None
             up.abort()
-        self.router.release(req)
+        router.release(req)
         if self.transport is not None and not req.response_started:
             self.transport.write(error_response(status, detail))
         self._finish(req, close=True)

@@ -71,6 +71,8 @@ class Router:
         # Worker recycling (max_requests); the pool installs the callback.
         self.max_requests = 0
         self.recycle: Callable[[Worker], None] = lambda w: None
+        # Called once per finished request when the access log is on.
+        self.access_log: Callable[[Request, int, Worker | None], None] | None = None
         self.queue: deque[Request] = deque()
         self.stats = RouterStats()
         # Requests in flight on a worker, for max_request_time and shutdown.
@@ -148,7 +150,8 @@ class Router:
             if req.timer is not None:
                 req.timer.cancel()
                 req.timer = None
-            self.stats.queue_wait_total += self.loop.time() - req.queued_at
+            req.queue_wait = self.loop.time() - req.queued_at
+            self.stats.queue_wait_total += req.queue_wait
             self.stats.queue_wait_count += 1
             self.take(req, w)
 
