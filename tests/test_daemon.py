@@ -85,7 +85,7 @@ def test_connect_failure_is_retried_on_another_worker() -> None:
         # A worker whose socket vanished (but whose process lives) refuses
         # connections: requests must go to the other one.
         runtime = next(p for p in d.dir.iterdir() if p.is_dir() and p.name.startswith("flypool."))
-        victim = sorted(runtime.glob("app.*.sock"))[0]
+        victim = sorted((runtime / "app").glob("*.sock"))[0]
         os.unlink(victim)
         for _ in range(20):
             assert get(d.front, "/")[0] == 200

@@ -206,6 +206,7 @@ def test_sigkill_worker_under_load_fails_only_its_requests() -> None:
         assert set(failed) <= {502}
         pids = d.wait_ready(2)
         assert victim not in pids
+        assert sorted(w["restarts"] for w in d.app()["workers"]) == [0, 1]
 
 
 def test_worker_dying_mid_request_gives_502() -> None:

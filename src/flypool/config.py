@@ -139,6 +139,7 @@ class DaemonConfig:
     log_file: str = ""  # log to this file instead of stderr
     access_log: bool = False  # one log event per request
     runtime_dir: str = ""  # worker sockets; "" = $RUNTIME_DIRECTORY or /tmp
+    admin_group: str = ""  # members may use the admin socket besides root and the daemon's user
     header_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
@@ -327,6 +328,7 @@ _DAEMON_CHECKS: dict[str, _Check] = {
     "log_file": _STRING,
     "access_log": _BOOL,
     "runtime_dir": _STRING,
+    "admin_group": _STRING,
     "header_timeout": _POSITIVE,
     "keepalive_timeout": _POSITIVE,
     "body_timeout": _POSITIVE,

@@ -16,7 +16,7 @@ import uvloop
 from flypool import logging as flog
 from flypool import systemd
 from flypool.admin.routes import AdminRoutes
-from flypool.admin.server import start_admin
+from flypool.admin.server import admin_gid, start_admin
 from flypool.config import AppConfig, Config, ConfigError
 from flypool.http.client import Request, ServerState
 from flypool.http.router import Router
@@ -75,6 +75,10 @@ class Daemon:
             max_header_size=d.max_header_size,
         )
         self.admin: asyncio.AbstractServer | None = None
+        # The files this process created; a reload may name others, but
+        # these are the ones to remove at exit.
+        self.admin_path = config.daemon.admin_socket
+        self.pid_path = config.daemon.pid_file
         self.notifier = systemd.Notifier.from_env()
 
     # -- start --------------------------------------------------------------------
@@ -88,6 +92,8 @@ class Daemon:
         _clean_stale_runtime_dirs(base)
         try:
             self.runtime_dir = tempfile.mkdtemp(prefix="flypool.", dir=base)
+            # Workers of other users reach only their own app's subdirectory.
+            os.chmod(self.runtime_dir, 0o711)
         except OSError as exc:
             self.log.error("cannot create runtime directory", dir=base, error=str(exc))
             return 1
@@ -100,7 +106,9 @@ class Daemon:
             for app in self.config.apps:
                 await self._listen(app, loop, inherited)
             routes = AdminRoutes(self)
-            self.admin = await start_admin(d.admin_socket, d.admin_socket_mode, routes.handle)
+            self.admin = await start_admin(
+                d.admin_socket, d.admin_socket_mode, routes.handle, admin_gid(d.admin_group)
+            )
         except ListenError as exc:
             self.log.error("cannot listen", error=str(exc))
             await self._close_listeners()
@@ -242,7 +250,7 @@ class Daemon:
     async def reload(self) -> str | None:
         """Read the configuration again; return an error message or None."""
         if self.reload_config is None:
-            return "no configuration file to reload (flags-only mode)"
+            return None
         try:
             new = self.reload_config()
         except ConfigError as exc:
@@ -286,14 +294,20 @@ class Daemon:
         self.log.info("configuration reloaded")
         return None
 
-    async def reload_and_restart(self) -> None:
-        """HUP: re-read the config, then restart every app (rolling where enabled)."""
+    async def reload_and_restart(self, reason: str = "SIGHUP") -> str | None:
+        """HUP and `flypool reload`: re-read the config, then restart every app.
+
+        Restarts are rolling where enabled. In flags-only mode there is no
+        file to re-read, so only the restart happens. A bad config is logged,
+        the old one stays, and nothing restarts; the error is returned.
+        """
         self.notifier.reloading()
-        error = await self.reload()
+        error = await self.reload() if self.reload_config is not None else None
         if error is None:
             for pool in self.pools.values():
-                request_restart(pool, None, "SIGHUP")
+                request_restart(pool, None, reason)
         self.spawn(self._notify_ready())
+        return error
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -330,10 +344,10 @@ class Daemon:
         if self.admin is not None:
             self.admin.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.daemon.admin_socket)
-        if self.config.daemon.pid_file:
+                os.unlink(self.admin_path)
+        if self.pid_path:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.daemon.pid_file)
+                os.unlink(self.pid_path)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("flypool stopped")
 

@@ -21,15 +21,15 @@ def _stamp(path: str) -> float | None:
 async def watch_restart_file(pool: AppPool, on_change: Callable[[AppPool], None]) -> None:
     """Poll ``root/restart_file`` (through the current symlink) every interval."""
     cfg = pool.cfg
-    if not cfg.restart_file:
-        return
     # One stat per interval is cheap; the path is joined each time because
-    # root may be a symlink that moves between checks.
-    last = _stamp(os.path.join(cfg.root, cfg.restart_file))
+    # root may be a symlink that moves between checks. The loop runs even
+    # while restart_file is "", so a reload can switch it on.
+    last = _stamp(os.path.join(cfg.root, cfg.restart_file)) if cfg.restart_file else None
     while not pool.stopping:
         await asyncio.sleep(pool.cfg.restart_check_interval)
         cfg = pool.cfg
         if not cfg.restart_file:
+            last = None
             continue
         now = _stamp(os.path.join(cfg.root, cfg.restart_file))
         if now is not None and now != last:

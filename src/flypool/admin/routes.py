@@ -37,7 +37,7 @@ class AdminRoutes:
         if method != "POST":
             return (405 if parts else 404), {"error": f"no route for {method} {path}"}
         if parts == ["reload"]:
-            error = await d.reload()
+            error = await d.reload_and_restart("flypool reload")
             return (400, {"error": error}) if error else (200, {"ok": True})
         if parts == ["stop"]:
             mode = query.get("mode", "graceful")

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -43,10 +46,57 @@ def _encode(status: int, payload: Any) -> bytes:
     return head.encode() + body
 
 
+def admin_gid(group: str) -> int | None:
+    """The gid of ``admin_group`` (None when unset or unknown)."""
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+
+
+def _peer_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+def peer_allowed(sock: socket.socket | None, group_gid: int | None) -> bool:
+    """Root, the daemon's own user, or a member of admin_group (SO_PEERCRED)."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return False
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    if uid in (0, os.geteuid()):
+        return True
+    return group_gid is not None and (gid == group_gid or group_gid in _peer_groups(pid))
+
+
 async def _handle(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handler: Handler,
+    group_gid: int | None = None,
 ) -> None:
     try:
+        if not peer_allowed(writer.get_extra_info("socket"), group_gid):
+            writer.write(
+                _encode(
+                    403,
+                    {
+                        "error": "not allowed: root, the daemon's user or "
+                        "members of admin_group only"
+                    },
+                )
+            )
+            await writer.drain()
+            return
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -83,12 +133,17 @@ async def _handle(
             await writer.wait_closed()
 
 
-async def start_admin(path: str, mode: int, handler: Handler) -> asyncio.AbstractServer:
+async def start_admin(
+    path: str, mode: int, handler: Handler, group_gid: int | None = None
+) -> asyncio.AbstractServer:
     """Listen on ``path`` (a socket nobody else is using) with ``mode``."""
     from flypool.http.server import bind_unix
 
     sock = bind_unix(path, mode)
     os.chmod(path, mode)
+    if group_gid is not None and os.geteuid() == 0:
+        # Members of admin_group need the socket file's group to reach it.
+        os.chown(path, -1, group_gid)
     return await asyncio.start_unix_server(
-        lambda r, w: _handle(r, w, handler), sock=sock, limit=MAX_HEAD
+        lambda r, w: _handle(r, w, handler, group_gid), sock=sock, limit=MAX_HEAD
     )

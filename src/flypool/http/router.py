@@ -246,7 +246,12 @@ class Router:
         limit = self.max_request_time
         if not limit:
             return []
-        stuck = [r for r in self.active if r.started_at and now - r.started_at > limit]
+        # Tunnels (WebSocket) are long-lived by design; only drain_timeout bounds them.
+        stuck = [
+            r
+            for r in self.active
+            if r.started_at and now - r.started_at > limit and not r.conn.tunnel
+        ]
         workers: list[Worker] = []
         for r in stuck:
             if r.worker is not None and r.worker not in workers:

@@ -84,6 +84,8 @@ class AppPool:
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._spawning = 0
         self._replacing: set[Worker] = set()
+        # Restart counts of crashed workers, inherited by their replacements.
+        self._crashed_slots: list[int] = []
         self.router.recycle = lambda w: self.replace_worker(w, "max_requests reached")
         self.started_at = loop.time()
 
@@ -162,8 +164,14 @@ class AppPool:
 
     async def _spawn_for_count(self) -> None:
         # Failures are recorded (status, backoff) by spawn_ready itself.
-        with contextlib.suppress(spawner.SpawnError):
-            await self.spawn_ready(self.generation, for_maintain=True)
+        restarts = self._crashed_slots.pop(0) if self._crashed_slots else 0
+        try:
+            w = await self.spawn_ready(self.generation, for_maintain=True)
+        except spawner.SpawnError:
+            if restarts:
+                self._crashed_slots.insert(0, restarts)
+            return
+        w.restarts = restarts
 
     async def spawn_ready(self, generation: int, *, for_maintain: bool = False) -> Worker:
         """Spawn one worker and wait until it is READY; raise SpawnError if it fails.
@@ -180,6 +188,7 @@ class AppPool:
         try:
             try:
                 w.release = spawner.resolve_release(cfg.root)
+                spawner.app_runtime_dir(cfg, self.runtime_dir)
                 w.address = spawner.worker_address(cfg, number, self.runtime_dir)
             except spawner.SpawnError as exc:
                 w.state = WorkerState.EXITED
@@ -273,6 +282,7 @@ class AppPool:
                     True,
                 )
             self._fail_inflight(w)
+            self._crashed_slots.append(w.restarts + 1)
             self.maintain()
         elif was is WorkerState.STOPPING:
             self.log.info("worker exited", pid=w.pid, status=spawner.describe_exit(code))
@@ -367,6 +377,9 @@ class AppPool:
             max_request_time=cfg.max_request_time,
         )
         self.router.max_requests = cfg.max_requests
+        if self.rollout is not None:
+            self.rollout.target_changed()
+        self.maintain()
 
     async def wait_all_ready(self) -> None:
         """Return when the target count of workers is ready (for sd_notify READY)."""

@@ -23,8 +23,15 @@ class Sampler:
         self._procs: dict[int, psutil.Process] = {}
 
     def _rss_tree(self, proc: psutil.Process) -> tuple[float, int]:
+        # A worker may be a master with children (gunicorn, puma): the memory
+        # that matters for memory_limit is the whole tree's.
         cpu = proc.cpu_percent(None)
         rss = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            try:
+                rss += child.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
         return cpu, rss
 
     def sample(self, workers: list[Worker]) -> list[Sample]:

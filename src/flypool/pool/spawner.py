@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -45,11 +47,21 @@ def _free_port() -> int:
         return port
 
 
+def app_runtime_dir(cfg: AppConfig, runtime_dir: str) -> str:
+    """Create the app's socket directory, owned by the worker user so it can bind there."""
+    path = os.path.join(runtime_dir, cfg.name)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    ident = worker_identity(cfg)
+    if ident is not None:
+        os.chown(path, ident.uid, ident.gid)
+    return path
+
+
 def worker_address(cfg: AppConfig, number: int, runtime_dir: str) -> str:
     """A private socket path (or 127.0.0.1:port) for worker ``number``."""
     if cfg.worker_bind == "tcp":
         return f"127.0.0.1:{_free_port()}"
-    path = os.path.join(runtime_dir, f"{cfg.name}.{number}.sock")
+    path = os.path.join(runtime_dir, cfg.name, f"{number}.sock")
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise SpawnError(
             f"worker socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes; "
@@ -58,19 +70,54 @@ def worker_address(cfg: AppConfig, number: int, runtime_dir: str) -> str:
     return path
 
 
-def build_argv(cfg: AppConfig, address: str) -> list[str]:
+class Identity:
+    """Who a worker runs as when the daemon is root (SPEC §3 ``user``/``group``)."""
+
+    __slots__ = ("gid", "home", "name", "uid")
+
+    def __init__(self, uid: int, gid: int, name: str, home: str) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.name = name
+        self.home = home
+
+
+def worker_identity(cfg: AppConfig) -> Identity | None:
+    """The uid/gid to drop to, or None to keep the daemon's (not root, or user = "root").
+
+    Without ``group`` the user's primary group is used, never the daemon's
+    group 0. Raises SpawnError for unknown users or groups.
+    """
+    if os.geteuid() != 0 or not (cfg.user or cfg.group):
+        return None
+    try:
+        pw = pwd.getpwnam(cfg.user) if cfg.user else pwd.getpwuid(0)
+    except KeyError:
+        raise SpawnError(f"user {cfg.user!r} does not exist") from None
+    gid = pw.pw_gid
+    if cfg.group:
+        try:
+            gid = grp.getgrnam(cfg.group).gr_gid
+        except KeyError:
+            raise SpawnError(f"group {cfg.group!r} does not exist") from None
+    if pw.pw_uid == 0 and gid == 0:
+        return None
+    return Identity(pw.pw_uid, gid, pw.pw_name, pw.pw_dir)
+
+
+def build_argv(cfg: AppConfig, address: str, ident: Identity | None = None) -> list[str]:
     """The command with ``{socket}``/``{port}`` filled in, wrapped for pdeathsig/user."""
     port = address.rpartition(":")[2] if not address.startswith("/") else ""
     argv = [a.replace("{socket}", address).replace("{port}", port) for a in cfg.command]
     if SETPRIV is None:
         return argv
+    # setpriv execs the command in the same process: the pid flypool sees is
+    # the worker's, and the parent-death signal survives the exec.
     prefix = [SETPRIV, "--pdeathsig", "TERM"]
-    if os.geteuid() == 0 and cfg.user:
-        prefix += ["--reuid", cfg.user, "--init-groups"]
-        if cfg.group:
-            prefix += ["--regid", cfg.group]
-    elif os.geteuid() == 0 and cfg.group:
-        prefix += ["--regid", cfg.group, "--clear-groups"]
+    if ident is not None:
+        # Groups first, then the uid: setpriv applies them before exec.
+        prefix += ["--regid", str(ident.gid), "--reuid", str(ident.uid)]
+        prefix += ["--init-groups"] if ident.uid != 0 and ident.name else ["--clear-groups"]
     return [*prefix, "--", *argv]
 
 
@@ -97,12 +144,18 @@ async def start(cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> asyncio
     if w.address.startswith("/"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(w.address)
-    argv = build_argv(cfg, w.address)
+    ident = worker_identity(cfg)
+    if ident is not None and SETPRIV is None:
+        raise SpawnError("user/group need util-linux setpriv, which is not installed")
+    argv = build_argv(cfg, w.address, ident)
+    env = build_env(cfg, w.number, w.address)
+    if ident is not None:
+        env.update(HOME=ident.home, USER=ident.name, LOGNAME=ident.name)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=w.release,
-            env=build_env(cfg, w.number, w.address),
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
