@@ -518,6 +518,8 @@ def start_flypool(
         str(root if root is not None else tmpdir),
         "--log-format",
         "json",
+        # As root, flypool runs workers as root only when told so explicitly.
+        *(["--user", "root"] if os.geteuid() == 0 else []),
         *extra_args,
         "--",
         *worker_command,

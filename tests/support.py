@@ -55,7 +55,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -225,6 +229,9 @@ def write_config(
         "stop_timeout": "3s",
         "restart_check_interval": "100ms",
     }
+    if os.geteuid() == 0:
+        # Root workers must be asked for explicitly (tests run as root in CI).
+        base["user"] = "root"
     for a in [{**base, **app}, *(extra_apps or [])]:
         lines.append("\n[[app]]")
         env = a.pop("env", None)

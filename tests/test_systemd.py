@@ -10,15 +10,16 @@ from __future__ import annotations
 import configparser
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -39,6 +40,8 @@ needs_socket_activate = pytest.mark.skipif(
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 BOOT_DELAY = "0.4"
 """Workers take this long to listen, so "ready too early" is visible in status."""
+Connect = Callable[[], socket.socket]
+"""Opens a new client connection to the front socket."""
 FLYPOOL_RUN = [PYTHON, "-m", "flypool", "run", "-c"]
 # Stands in for systemd when it hands a socket unit's socket to the service:
 # the socket becomes fd 3 and LISTEN_PID is the pid of the exec'd program.
@@ -46,8 +49,10 @@ ACTIVATOR = textwrap.dedent(
     """
     import os, sys
     fd = int(sys.argv[1])
-    os.dup2(fd, 3)
-    os.close(fd)
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.set_inheritable(3, True)
     os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
     os.execv(sys.argv[2], sys.argv[2:])
     """
@@ -55,6 +60,14 @@ ACTIVATOR = textwrap.dedent(
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A short directory (Unix socket paths are limited), removed afterwards."""
+    d = Path(short_dir())
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def parse_notification(datagram: bytes) -> dict[str, str]:
@@ -150,15 +163,31 @@ def launched(
         stop_daemon(dm)
 
 
+SO_ACCEPTCON = 0x10000
+"""/proc/net/unix flag of a listening socket."""
+
+
+def unix_listening(path: str) -> bool:
+    """Some process listens on the Unix socket ``path`` (bound is not enough to connect)."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & SO_ACCEPTCON:
+                return True
+    return False
+
+
 def wait_admin(dm: Daemon, timeout: float = 15.0) -> None:
-    """Until the admin socket answers; fail at once if the daemon exited."""
+    """Until the admin socket listens; fail at once if the daemon exited."""
 
-    def up() -> bool:
+    def up() -> str | None:
         if dm.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {dm.proc.returncode}:\n{dm.log()}")
-        return os.path.exists(dm.admin)
+            return "exited"
+        return "up" if unix_listening(dm.admin) else None
 
-    eventually(up, timeout, what="admin socket")
+    if eventually(up, timeout, what="admin socket") == "exited":
+        raise AssertionError(f"daemon exited with {dm.proc.returncode}:\n{dm.log()}")
 
 
 def environ_of(pid: int) -> dict[str, str]:
@@ -179,12 +208,7 @@ def socket_inodes(pid: int) -> dict[int, int]:
     return out
 
 
-def inode_of_listener(sock: socket.socket) -> int:
-    """The socket inode of a socket this process holds."""
-    return socket_inodes(os.getpid())[sock.fileno()]
-
-
-def send_early_request(connect: Any) -> socket.socket:
+def send_early_request(connect: Connect) -> socket.socket:
     """Connect and send a whole request now; the answer is read later."""
     s = connect()
     s.settimeout(30)
@@ -204,18 +228,22 @@ def read_response(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def unix_client(path: str) -> Any:
+def unix_client(path: str) -> Connect:
     """A connect function for a Unix socket."""
 
     def connect() -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(path)
+        try:
+            s.connect(path)
+        except BaseException:
+            s.close()
+            raise
         return s
 
     return connect
 
 
-def tcp_client(port: int) -> Any:
+def tcp_client(port: int) -> Connect:
     """A connect function for 127.0.0.1:port."""
 
     def connect() -> socket.socket:
@@ -248,9 +276,9 @@ def check_workers_clean(dm: Daemon, listener_inode: int) -> None:
 # -- sd_notify ----------------------------------------------------------------------
 
 
-def test_notify_ready_reload_stopping() -> None:
+def test_notify_ready_reload_stopping(tmp_short: Path) -> None:
     """READY=1 only once every worker is ready; RELOADING/READY on HUP; STOPPING on TERM."""
-    d = Path(short_dir())
+    d = tmp_short
     cfg = write_config(d, {"workers": 2, "env": {"EXAMPLE_BOOT_DELAY": BOOT_DELAY}})
     rx = NotifyReceiver(str(d / "notify.sock"))
     try:
@@ -292,13 +320,13 @@ def test_notify_ready_reload_stopping() -> None:
     "still ready, i.e. right after the rolling restart began, not when it ended",
     strict=True,
 )
-def test_ready_after_reload_means_restart_finished() -> None:
+def test_ready_after_reload_means_restart_finished(tmp_short: Path) -> None:
     """After HUP, READY=1 comes when every worker runs the new config, not before.
 
     That is what makes `systemctl reload flypool` (which waits from RELOADING=1
     to READY=1) usable in a deploy script, like `flypool restart --wait`.
     """
-    d = Path(short_dir())
+    d = tmp_short
     cfg = write_config(d, {"workers": 2, "env": {"EXAMPLE_BOOT_DELAY": BOOT_DELAY}})
     rx = NotifyReceiver(str(d / "notify.sock"))
     try:
@@ -362,8 +390,12 @@ LISTEN_FDS_CHILD = textwrap.dedent(
     t.bind(("127.0.0.1", 0))
     t.listen()
     at(4, t)
-    w = socket.socket(socket.AF_INET6)
-    w.bind(("::", 0))
+    try:
+        w = socket.socket(socket.AF_INET6)
+        w.bind(("::", 0))  # ListenStream=PORT: dual stack [::]
+    except OSError:  # no IPv6 here
+        w = socket.socket()
+        w.bind(("0.0.0.0", 0))  # ListenStream=0.0.0.0:PORT
     w.listen()
     at(5, w)
     at(6, socket.socket(type=socket.SOCK_DGRAM))  # not HTTP: skipped
@@ -373,7 +405,7 @@ LISTEN_FDS_CHILD = textwrap.dedent(
     port, wport = t.getsockname()[1], w.getsockname()[1]
     fds = systemd.listen_fds()
     print(sorted(fds))
-    print(port, wport)
+    print(port, wport, "[::]" if w.family == socket.AF_INET6 else "0.0.0.0")
     assert fds.pop(f":{wport}") is not None  # ":PORT" finds the wildcard socket
     assert fds.get(f"127.0.0.1:{port}").getsockname()[1] == port
     assert not os.get_inheritable(3) and not os.get_inheritable(4)
@@ -384,9 +416,9 @@ LISTEN_FDS_CHILD = textwrap.dedent(
 )
 
 
-def test_listen_fds_keys_match_listen_entries() -> None:
+def test_listen_fds_keys_match_listen_entries(tmp_short: Path) -> None:
     """Passed sockets are keyed like `listen` entries; other fds and pids are ignored."""
-    d = short_dir()
+    d = str(tmp_short)
     out = subprocess.run(
         [PYTHON, "-c", LISTEN_FDS_CHILD, f"{d}/a.sock"],
         capture_output=True,
@@ -396,14 +428,15 @@ def test_listen_fds_keys_match_listen_entries() -> None:
     )
     assert out.returncode == 0, out.stderr
     keys_line, ports_line, other_pid_line = out.stdout.splitlines()
-    port, wport = ports_line.split()
-    assert keys_line == str(sorted([f"unix:{d}/a.sock", f"127.0.0.1:{port}", f"[::]:{wport}"]))
+    port, wport, wildcard = ports_line.split()
+    expected = [f"unix:{d}/a.sock", f"127.0.0.1:{port}", f"{wildcard}:{wport}"]
+    assert keys_line == str(sorted(expected))
     # LISTEN_PID of another process: no sockets, and the variables are gone all the same.
     assert other_pid_line == "[] []"
 
 
 @needs_socket_activate
-def test_socket_activation_unix_serves_from_passed_socket() -> None:
+def test_socket_activation_unix_serves_from_passed_socket(tmp_short: Path) -> None:
     """Under systemd-socket-activate the daemon serves on the passed Unix socket.
 
     The socket exists before the daemon: a request sent before the daemon runs
@@ -411,12 +444,13 @@ def test_socket_activation_unix_serves_from_passed_socket() -> None:
     does not rebind (same socket file, one listener: fd 3), and workers neither
     see LISTEN_* nor hold the socket.
     """
-    d = Path(short_dir())
+    d = tmp_short
     front = str(d / "app.sock")
     cfg = write_config(d, {"workers": 2, "env": {"EXAMPLE_BOOT_DELAY": BOOT_DELAY}})
     argv = [SOCKET_ACTIVATE, "-l", front, "--", *FLYPOOL_RUN, str(cfg)]
     with launched(d, cfg, argv, child_env()) as dm:
-        eventually(lambda: os.path.exists(front), 10, what="systemd-socket-activate's socket")
+        # The file appears at bind(), a moment before listen(): wait for the latter.
+        eventually(lambda: unix_listening(front), 10, what="systemd-socket-activate listening")
         file_inode = os.stat(front).st_ino
         assert stat.S_ISSOCK(os.stat(front).st_mode)
         early = send_early_request(unix_client(front))  # this connection starts the daemon
@@ -427,8 +461,11 @@ def test_socket_activation_unix_serves_from_passed_socket() -> None:
 
         assert psutil.Process(dm.proc.pid).cmdline()[1:3] == ["-m", "flypool"]  # exec'd
         assert os.stat(front).st_ino == file_inode, "the daemon replaced the socket file"
+        # psutil gives a Unix socket's address as a plain string (typed as a tuple).
         listeners = [
-            c for c in psutil.Process(dm.proc.pid).net_connections(kind="unix") if c.laddr == front
+            c
+            for c in psutil.Process(dm.proc.pid).net_connections(kind="unix")
+            if cast(object, c.laddr) == front
         ]
         assert [c.fd for c in listeners] == [3], listeners
         code, body, _ = get(front, "/")
@@ -440,9 +477,9 @@ def test_socket_activation_unix_serves_from_passed_socket() -> None:
 
 
 @needs_socket_activate
-def test_socket_activation_tcp() -> None:
+def test_socket_activation_tcp(tmp_short: Path) -> None:
     """The same with a TCP listen entry: the passed 127.0.0.1:PORT socket is adopted."""
-    d = Path(short_dir())
+    d = tmp_short
     port = free_port()
     addr = f"127.0.0.1:{port}"
     cfg = write_config(d, {"workers": 2, "listen": [addr]})
@@ -452,13 +489,14 @@ def test_socket_activation_tcp() -> None:
         def listening() -> bool:
             with contextlib.suppress(psutil.Error):
                 return any(
-                    c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                    getattr(c.laddr, "port", None) == port and c.status == psutil.CONN_LISTEN
                     for c in psutil.Process(dm.proc.pid).net_connections(kind="tcp")
                 )
             return False
 
         eventually(listening, 10, what=f"systemd-socket-activate listening on {addr}")
-        early = send_early_request(tcp_client(port))
+        early = send_early_request(tcp_client(port))  # this connection starts the daemon
+        assert not os.path.exists(dm.admin), "the daemon was running before any connection"
         response = read_response(early)
         assert response.startswith(b"HTTP/1.1 200 "), response[:300]
         wait_admin(dm)
@@ -472,7 +510,7 @@ def test_socket_activation_tcp() -> None:
         assert stop_daemon(dm) == 0, dm.log()[-3000:]
 
 
-def _listener(kind: str, d: Path) -> tuple[socket.socket, str, Any]:
+def _listener(kind: str, d: Path) -> tuple[socket.socket, str, Connect]:
     """A listening socket as a socket unit would hold it, its listen entry, a client."""
     if kind == "unix":
         path = str(d / "app.sock")
@@ -488,16 +526,15 @@ def _listener(kind: str, d: Path) -> tuple[socket.socket, str, Any]:
 
 
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
-def test_daemon_restart_keeps_passed_socket(kind: str) -> None:
+def test_daemon_restart_keeps_passed_socket(kind: str, tmp_short: Path) -> None:
     """What socket activation is for: no connection refused while the daemon restarts.
 
     The test holds the listening socket, like a systemd socket unit, and passes it
     to two daemons in turn. A request sent while no daemon runs waits in the
     backlog and the second daemon answers it.
     """
-    d = Path(short_dir())
+    d = tmp_short
     listener, entry, connect = _listener(kind, d)
-    parse_listen(entry)
     cfg = write_config(d, {"workers": 2, "listen": [entry]})
     argv = [PYTHON, "-c", ACTIVATOR, str(listener.fileno()), *FLYPOOL_RUN, str(cfg)]
     start = {"pass_fds": (listener.fileno(),)}
@@ -508,7 +545,6 @@ def test_daemon_restart_keeps_passed_socket(kind: str) -> None:
             s = send_early_request(connect)
             assert read_response(s).startswith(b"HTTP/1.1 200 ")
             assert stop_daemon(first) == 0, first.log()[-3000:]
-        assert listener.fileno() != -1
         if kind == "unix":
             assert os.path.exists(entry[len("unix:") :]), "the daemon removed the socket file"
         waiting = send_early_request(connect)  # no daemon runs now
@@ -613,9 +649,9 @@ def test_runit_scripts(script: str) -> None:
         assert commands[-1] == "exec svlogd -tt /var/log/flypool"
 
 
-def test_runit_run_script_runs_the_daemon() -> None:
+def test_runit_run_script_runs_the_daemon(tmp_short: Path) -> None:
     """The run script execs the daemon (same pid, so `sv hup/term` reach it) with 2>&1."""
-    d = Path(short_dir())
+    d = tmp_short
     fake = d / "flypool"
     fake.write_text('#!/bin/sh\necho "argv: $*"\necho err >&2\nexec sleep 30\n')
     fake.chmod(0o755)
@@ -630,7 +666,8 @@ def test_runit_run_script_runs_the_daemon() -> None:
     try:
         eventually(lambda: "err" in out.read_text(), 10, what="fake daemon output")
         assert "argv: run -c /etc/flypool/flypool.toml" in out.read_text()
-        assert psutil.Process(proc.pid).name() == "sleep"  # exec'd all the way down
+        # exec'd all the way down: runsv's child is the daemon itself
+        eventually(lambda: psutil.Process(proc.pid).name() == "sleep", 10, what="exec")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

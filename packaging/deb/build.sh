@@ -15,6 +15,7 @@
 #   PYTHON         builds the wheel and runs pip (default: .venv/bin/python, else python3)
 #   TARGET_PYTHON  the interpreter the package runs on (default: /usr/bin/python3)
 #   DEB_MAINTAINER the Maintainer field
+#   PIP_CONSTRAINT pin the dependencies' versions (pip reads it), for repeatable builds
 #
 # A virtualenv is not relocatable, so it is created in the staging directory and
 # every reference to the staging path is then rewritten to /opt/flypool (script
@@ -100,7 +101,7 @@ done
 import os, sys
 
 staged, final = (s.encode() for s in sys.argv[1:])
-for top, dirs, files in os.walk(staged):
+for top, _, files in os.walk(staged):
     for name in files:
         path = os.path.join(top, name)
         if os.path.islink(path):
@@ -116,9 +117,12 @@ if left=$(grep -rlF "$stage" "$stage"); then
 fi
 # Byte-compile with the final paths, so tracebacks name /opt/flypool/... and the
 # .pyc files are dpkg's (no stray __pycache__ is left behind on purge).
-"$target" -m compileall -q -j 0 -s "$stage" -p / "$venv/lib" >/dev/null
+if ! out=$("$target" -m compileall -q -j 0 -s "$stage" -p / "$venv/lib" 2>&1); then
+    die "byte-compiling failed: $out"
+fi
 # Smoke test: the package imports and runs (the shebangs point at /opt/flypool).
-PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python3" -m flypool --version >/dev/null || die "the staged flypool does not run"
+PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python3" -m flypool --version >/dev/null \
+    || die "the staged flypool does not run"
 
 # --- configuration, units, command -------------------------------------------
 install -D -m 0644 "$repo/packaging/flypool.toml" "$stage/etc/flypool/flypool.toml"
@@ -162,11 +166,13 @@ if [ "$1" = configure ]; then
     # A system user for the daemon's files and sockets; no login, no home.
     if ! getent passwd flypool >/dev/null; then
         if command -v adduser >/dev/null 2>&1; then
-            if getent group flypool >/dev/null; then group="--ingroup flypool"; else group=--group; fi
+            group=--group
+            if getent group flypool >/dev/null; then group="--ingroup flypool"; fi
             # shellcheck disable=SC2086
             adduser --system $group --no-create-home --home /nonexistent --quiet flypool
         else
-            if getent group flypool >/dev/null; then group="-g flypool"; else group=-U; fi
+            group=--user-group
+            if getent group flypool >/dev/null; then group="--gid flypool"; fi
             # shellcheck disable=SC2086
             useradd --system $group --no-create-home --home-dir /nonexistent \
                 --shell /usr/sbin/nologin flypool

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,19 @@ def _clean_stale_runtime_dirs(base: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except (OSError, ValueError):
             continue
+
+
+def root_worker_problems(config: Config) -> list[str]:
+    """Apps that would run as root without saying so (the daemon is root, no ``user``)."""
+    if os.geteuid() != 0:
+        return []
+    return [
+        f'app "{a.name}": flypool runs as root and the app has no user, so its workers '
+        f'would run as root; set user = "www-data" (or another account), or user = "root" '
+        f"to allow root workers deliberately"
+        for a in config.apps
+        if not a.user
+    ]
 
 
 class Daemon:
@@ -256,6 +270,10 @@ class Daemon:
         except ConfigError as exc:
             self.log.error("reload failed; keeping the old configuration", error=str(exc))
             return str(exc)
+        problems = root_worker_problems(new)
+        if problems:
+            self.log.error("reload failed; keeping the old configuration", error=problems[0])
+            return problems[0]
         loop = asyncio.get_running_loop()
         for app in new.apps:
             pool = self.pools.get(app.name)
@@ -382,6 +400,11 @@ def _with_listen(app: AppConfig, listen: Any) -> AppConfig:
 def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Run the daemon in the foreground until stopped; return the exit status."""
     d = config.daemon
+    problems = root_worker_problems(config)
+    if problems:
+        for p in problems:
+            print(f"flypool: {config.path or 'command line'}: {p}", file=sys.stderr)
+        return 2
     flog.configure(d.log_format, d.log_level, d.log_file)
     daemon = Daemon(config, reload_config)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -84,19 +84,8 @@ async def _handle(
     handler: Handler,
     group_gid: int | None = None,
 ) -> None:
+    allowed = peer_allowed(writer.get_extra_info("socket"), group_gid)
     try:
-        if not peer_allowed(writer.get_extra_info("socket"), group_gid):
-            writer.write(
-                _encode(
-                    403,
-                    {
-                        "error": "not allowed: root, the daemon's user or "
-                        "members of admin_group only"
-                    },
-                )
-            )
-            await writer.drain()
-            return
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -117,6 +106,20 @@ async def _handle(
             return
         if length:
             await reader.readexactly(length)
+        if not allowed:
+            # Answered after reading the request, so the client sees the
+            # refusal rather than a broken pipe.
+            writer.write(
+                _encode(
+                    403,
+                    {
+                        "error": "not allowed: only root, the daemon's user and "
+                        "members of admin_group may use this socket"
+                    },
+                )
+            )
+            await writer.drain()
+            return
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
@@ -141,9 +144,12 @@ async def start_admin(
 
     sock = bind_unix(path, mode)
     os.chmod(path, mode)
-    if group_gid is not None and os.geteuid() == 0:
-        # Members of admin_group need the socket file's group to reach it.
-        os.chown(path, -1, group_gid)
+    if group_gid is not None:
+        # Members of admin_group need the socket file's group, and the group
+        # the same access as the owner, to reach it.
+        if os.geteuid() == 0:
+            os.chown(path, -1, group_gid)
+        os.chmod(path, mode | ((mode & 0o700) >> 3))
     return await asyncio.start_unix_server(
         lambda r, w: _handle(r, w, handler, group_gid), sock=sock, limit=MAX_HEAD
     )

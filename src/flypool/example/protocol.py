@@ -64,6 +64,10 @@ _JSON = b"application/json"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+# Memory held on purpose by GET /grow.
+_HOARD: list[bytearray] = []
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What the connection protocol needs to know about this worker."""
@@ -591,6 +595,11 @@ class HttpConnection(asyncio.Protocol):
         elif path == b"/close":
             req.keep_alive = False
             self._send(req, 200, self._state.default_body)
+        elif path == b"/grow":
+            # Holds N MiB until the process exits: lets tests trip memory_limit.
+            mb = param_int(req.params, "mb", 1, 0, 4096)
+            _HOARD.append(bytearray(os.urandom(1024)) * (mb * 1024))
+            self._send(req, 200, b"grew %d MiB\n" % mb)
         elif path == b"/chunked":
             size = param_int(req.params, "size", 0, 0, 1 << 50)
             if req.version == b"HTTP/1.0":

@@ -23,6 +23,7 @@ Routes (``delay=S`` in the query delays any answer by S seconds):
 - ``POST /echo``: the request body back (at most 16 MiB).
 - ``GET /headers``: JSON with method, target, version, headers as received.
 - ``GET /ready``: ``200 ok`` (or ``$EXAMPLE_READY_STATUS``).
+- ``GET /grow?mb=N``: keeps N more MiB allocated until exit (memory_limit tests).
 - ``GET /crash``: the process exits at once (status 1) without answering.
 - ``GET /close``: answers with ``Connection: close`` and closes.
 - ``/ws`` with ``Connection: Upgrade``: ``101``, then a raw byte echo.
@@ -61,6 +62,7 @@ import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TextIO
 
 from flypool.example.protocol import HttpConnection, ServerState, Settings
 
@@ -224,7 +226,7 @@ async def serve(opts: Options) -> int:
         if sig == signal.SIGQUIT or stop.is_set():
             force.set()
         if not stop.is_set():
-            print(f"example: {sig.name} received, stopping", file=sys.stderr, flush=True)
+            _say(f"example: {sig.name} received, stopping", file=sys.stderr, flush=True)
             stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -239,7 +241,7 @@ async def serve(opts: Options) -> int:
         if stop.is_set():
             return 0
     if _fail_at_boot_requested(opts):
-        print(
+        _say(
             "example: failing at boot as asked (EXAMPLE_FAIL_AT_BOOT)\n"
             "RuntimeError: boot failure requested",
             file=sys.stderr,
@@ -268,7 +270,7 @@ async def serve(opts: Options) -> int:
             address = f"[{opts.host}]:{port}" if ":" in opts.host else f"{opts.host}:{port}"
         state.start_clock(loop)
         settings = opts.settings
-        print(
+        _say(
             f"example: listening on {address} pid={settings.pid} "
             f"worker={settings.worker} release={settings.release}",
             flush=True,
@@ -281,7 +283,7 @@ async def serve(opts: Options) -> int:
         state.begin_shutdown()
         busy = sum(1 for conn in state.connections if not conn.closing)
         if busy:
-            print(f"example: draining {busy} connection(s)", file=sys.stderr, flush=True)
+            _say(f"example: draining {busy} connection(s)", file=sys.stderr, flush=True)
         if state.connections and not force.is_set():
             drained = asyncio.ensure_future(state.wait_closed())
             forced = asyncio.ensure_future(force.wait())
@@ -294,7 +296,7 @@ async def serve(opts: Options) -> int:
             forced.cancel()
         state.close_all()
         await asyncio.sleep(0)  # let the transports run their close callbacks
-        print("example: stopped", file=sys.stderr, flush=True)
+        _say("example: stopped", file=sys.stderr, flush=True)
         return 0
     finally:
         state.stop_clock()
@@ -314,6 +316,17 @@ def _loop_factory(opts: Options) -> Callable[[], asyncio.AbstractEventLoop] | No
     return uvloop.new_event_loop
 
 
+def _say(*args: object, file: TextIO | None = None, flush: bool = True) -> None:
+    """print() that survives a closed pipe: when flypool is gone (SIGKILL), our
+    stdout/stderr readers are gone too, and a BrokenPipeError must not stop a
+    graceful exit."""
+    stream = file if file is not None else sys.stdout
+    try:
+        print(*args, file=stream, flush=flush)
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m flypool.example``; returns the exit status."""
     env = dict(os.environ)
@@ -323,14 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_options(argv, env, os.getcwd())
     except UsageError as err:
-        print(f"example: {err}", file=sys.stderr, flush=True)
+        _say(f"example: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     try:
         with asyncio.Runner(loop_factory=_loop_factory(opts)) as runner:
             return runner.run(serve(opts))
     except UsageError as err:
-        print(f"example: {err}", file=sys.stderr, flush=True)
+        _say(f"example: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except OSError as err:
-        print(f"example: cannot listen: {err}", file=sys.stderr, flush=True)
+        _say(f"example: cannot listen: {err}", file=sys.stderr, flush=True)
         return 1

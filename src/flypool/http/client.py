@@ -47,6 +47,7 @@ T_IDLE = 3
 
 BUFFER_LIMIT = 65536
 REPLAY_LIMIT = 65536
+MAX_HEADERS = 100
 
 
 class _HeadTooLarge(Exception):
@@ -85,6 +86,7 @@ class Request:
     """One request from arrival to the end of its response."""
 
     __slots__ = (
+        "awaiting_body",
         "body_started",
         "buf",
         "buffered",
@@ -120,6 +122,9 @@ class Request:
         # Everything written so far, kept while a resend is still allowed.
         self.replay: list[bytes] | None = [] if method in IDEMPOTENT else None
         self.body_started = False
+        # Held back from the workers until the body is in (or 64 KiB of it),
+        # so a slow uploader does not occupy a worker slot.
+        self.awaiting_body = False
         self.chunked = False
         self.complete = False
         self.done = False
@@ -168,6 +173,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_size = 0
         self._head_pending = 0
         self._chunked = False
+        self._has_body = False
         self._data = b""
         self._raw_ok = False
         self._feeding = False
@@ -257,6 +263,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_size = 0
         self._head_pending = 0
         self._chunked = False
+        self._has_body = False
         if self.timeout_kind == T_IDLE:
             self._arm(T_HEAD, self.state.header_timeout)
 
@@ -264,10 +271,16 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
-        if len(name) == 17 and name.lower() == b"transfer-encoding":
+        n = len(name)
+        if n == 17 and name.lower() == b"transfer-encoding":
             self._chunked = True
+        elif n == 14 and value != b"0" and name.lower() == b"content-length":
+            self._has_body = True
+        if len(headers) > MAX_HEADERS:
+            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -291,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive() and not self.state.shutting_down
         req.upgrade = parser.should_upgrade()
         req.chunked = self._chunked
+        req.awaiting_body = (self._chunked or self._has_body) and not req.upgrade
         self.parsing = req
         router = self.router
         if router.health_path and target_path(self._url) == router.health_path:
@@ -312,6 +326,9 @@ class ClientConnection(asyncio.Protocol):
             return  # body of a request answered by the daemon: discard
         req.buf.append(body)
         req.buffered += len(body)
+        if req.awaiting_body and req.buffered >= BUFFER_LIMIT:
+            # A large upload: stream it through a worker from here on.
+            self._release_body(req)
         if req.upstream is None and req.buffered > BUFFER_LIMIT:
             self._pause(PAUSE_BUFFER)
 
@@ -326,6 +343,8 @@ class ClientConnection(asyncio.Protocol):
         req.complete = True
         if self.timeout_kind == T_BODY:
             self._arm(T_NONE, 0.0)
+        if req.awaiting_body:
+            self._release_body(req)
         if req.local and req is self.active:
             self._answer_health(req)
 
@@ -348,7 +367,15 @@ class ClientConnection(asyncio.Protocol):
                 self._answer_health(req)
             return
         req.started_at = self.loop.time()
+        if req.awaiting_body and not req.complete:
+            return  # dispatched by _release_body once the body is in
+        req.awaiting_body = False
         self.router.dispatch(req)
+
+    def _release_body(self, req: Request) -> None:
+        req.awaiting_body = False
+        if req is self.active and req.worker is None and not req.done:
+            self.router.dispatch(req)
 
     def _answer_health(self, req: Request) -> None:
         router = self.router
