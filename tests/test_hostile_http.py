@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.support import Daemon, eventually, get, running_daemon
@@ -821,80 +821,94 @@ def test_stalled_body_times_out_and_releases_worker(d: Daemon) -> None:
 
 # -- fuzzing ------------------------------------------------------------------------------
 
-_EOL = st.sampled_from([b"\r\n"] * 8 + [b"\n", b"\r", b"\r\r\n", b"\n\r", b""])
+
+def _mostly(good: bytes, *bad: bytes, weight: int = 4) -> st.SearchStrategy[bytes]:
+    """``good`` ``weight`` times out of ``weight + 1``, else one of ``bad``."""
+    return st.sampled_from([good] * weight * len(bad) + list(bad))
+
+
+_BAD_EOL = st.sampled_from([b"\n", b"\r", b"\r\r\n", b"\n\r", b"", b"\r\n\r\n", b"\r\n "])
 _CL = st.one_of(
     st.integers(-3, 80).map(lambda n: str(n).encode()),
     st.sampled_from([b"", b"+5", b"0x10", b"1e3", b"9" * 23, b" 5", b"5 5", b"5,5", b"5, 6"]),
 )
-_TE = st.sampled_from(
-    [b"chunked"] * 4
-    + [b"chunked, identity", b"identity, chunked", b"xchunked", b"gzip, chunked"]
-    + [b"CHUNKED", b" chunked", b"chunked\x00", b"", b",chunked", b"chunked, chunked"]
+_TE = _mostly(
+    b"chunked",
+    *(b"chunked, identity", b"identity, chunked", b"xchunked", b"gzip, chunked", b"CHUNKED"),
+    *(b" chunked", b"chunked\x00", b"", b",chunked", b"chunked, chunked"),
 )
-_EXTRA_HEADERS = st.sampled_from(
+_GOOD_HEADERS = st.sampled_from(
+    [b"X-A: b", b"Accept: */*", b"Connection: keep-alive", b"Expect: 100-continue"]
+    + [b"User-Agent: fuzz", b"X-Obs: \xff", b"Cookie: a=b; c=d", b"Content-Length: 0"]
+)
+_BAD_HEADERS = st.sampled_from(
     [
-        *(b"X-A: b", b"Connection: keep-alive", b"Expect: 100-continue", b"Upgrade: foo"),
-        *(b"Connection: Upgrade", b"X-Fold: a\r\n b", b"X-Nul: a\x00b", b"Host : x", b": v"),
-        *(b"Accept: */*", b"Content-Length: 0", b"Transfer-Encoding: chunked"),
-        b"X-Big: " + b"a" * 9000,
+        *(b"Upgrade: foo", b"Connection: Upgrade", b"X-Fold: a\r\n b", b"X-Nul: a\x00b"),
+        *(b"Host : x", b": v", b"NoColon", b"Transfer-Encoding: chunked", b"X-A\t: b"),
+        *(b"Content-Length: 3", b"X-Ctl: \x01", b"X-Big: " + b"a" * 9000),
     ]
 )
 
 
 @st.composite
 def chunked_bodies(draw: st.DrawFn) -> bytes:
-    """Chunked bodies, mostly well framed, sometimes with wrong sizes or endings."""
+    """Chunked bodies, mostly well framed, sometimes with wrong sizes or line endings."""
     parts = []
     for data in draw(st.lists(st.binary(max_size=20), max_size=4)):
         n = len(data)
         size = draw(
-            st.sampled_from(
-                [b"%x" % n] * 6
-                + [b"%X;ext=1" % n, b"%x" % (n + 1), b"-%x" % n, b"zz", b"f" * 20, b" %x" % n]
+            _mostly(
+                b"%x" % n,
+                *(b"%X;ext=1" % n, b"%x" % (n + 1), b"%x" % max(n - 1, 0), b"-%x" % n, b"zz"),
+                *(b"f" * 20, b" %x" % n, b"%x " % n, b"%x;\x01" % n, b"0x%x" % n),
             )
         )
-        parts.append(size + draw(_EOL) + data + draw(_EOL))
-    last = draw(st.sampled_from([b"0\r\n\r\n"] * 4 + [b"0\r\nX-T: 1\r\n\r\n", b"", b"0\r\n"]))
+        parts.append(size + draw(_mostly(b"\r\n", b"\n", b"")) + data)
+        parts.append(draw(_mostly(b"\r\n", b"\n", b"", b"XX")))
+    last = draw(_mostly(b"0\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"", b"0\r\n", b"0\n\n"))
     return b"".join(parts) + last
 
 
 @st.composite
 def mutated_requests(draw: st.DrawFn) -> bytes:
-    """Valid-looking requests with mutated lines, framing headers, endings and bytes."""
-    method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"get", b""]))
+    """Valid requests with a few defects: lines, framing headers, line endings, bytes."""
+    method = draw(_mostly(b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"get", b"", weight=2))
     target = draw(
-        st.sampled_from([b"/headers", b"/", b"/echo", b"*", b"http://h/headers", b"/a b", b""])
+        _mostly(b"/headers", b"/", b"/echo", b"*", b"http://h/headers", b"/a b", b"", weight=2)
     )
-    version = draw(
-        st.sampled_from([b"HTTP/1.1"] * 4 + [b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b"HTTP/1."])
-    )
+    version = draw(_mostly(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b"HTTP/1.", b""))
     lines = [b" ".join((method, target, version)), b"Host: x"]
-    lines += draw(st.lists(_EXTRA_HEADERS, max_size=3))
-    framing = draw(st.sampled_from(["none", "length", "chunked", "both", "two-lengths"]))
+    lines += draw(st.lists(_GOOD_HEADERS, max_size=3))
+    if draw(st.integers(0, 3)) == 0:
+        lines.append(draw(_BAD_HEADERS))
+    framing = draw(_mostly(b"none", b"length", b"chunked", b"both", b"two-lengths", weight=1))
     body = b""
-    if framing in ("length", "both", "two-lengths"):
+    if framing in (b"length", b"both", b"two-lengths"):
         body = draw(st.binary(max_size=40))
         right = str(len(body)).encode()
-        lines.append(b"Content-Length: " + draw(st.one_of(st.just(right), _CL)))
-        if framing == "two-lengths":
+        lines.append(b"Content-Length: " + draw(st.one_of(st.just(right), st.just(right), _CL)))
+        if framing == b"two-lengths":
             lines.append(b"Content-Length: " + draw(st.one_of(st.just(right), _CL)))
-    if framing in ("chunked", "both"):
+    if framing in (b"chunked", b"both"):
         lines.append(b"Transfer-Encoding: " + draw(_TE))
         body = draw(chunked_bodies())
     if draw(st.booleans()):
         lines.append(b"Connection: close")
-    if len(lines) > 1 and draw(st.booleans()):
+    edit = draw(_mostly(b"none", b"duplicate", b"drop", b"swap"))
+    if len(lines) > 1 and edit != b"none":
         i = draw(st.integers(1, len(lines) - 1))
-        op = draw(st.sampled_from(["duplicate", "drop", "swap"]))
-        if op == "duplicate":
+        if edit == b"duplicate":
             lines.insert(i, lines[i])
-        elif op == "drop":
+        elif edit == b"drop":
             del lines[i]
         else:
             lines[0], lines[i] = lines[i], lines[0]
     lines.append(b"")
-    data = b"".join(line + draw(_EOL) for line in lines) + body
-    for _ in range(draw(st.integers(0, 3))):
+    eols = [b"\r\n"] * len(lines)
+    for _ in range(draw(st.sampled_from([0, 0, 0, 0, 0, 0, 1, 1, 2]))):
+        eols[draw(st.integers(0, len(eols) - 1))] = draw(_BAD_EOL)
+    data = b"".join(line + eol for line, eol in zip(lines, eols, strict=True)) + body
+    for _ in range(draw(st.sampled_from([0, 0, 0, 0, 0, 1, 1, 2, 3]))):
         if not data:
             break
         i = draw(st.integers(0, len(data) - 1))
@@ -913,16 +927,26 @@ def mutated_requests(draw: st.DrawFn) -> bytes:
     return data
 
 
+@st.composite
+def hostile_inputs(draw: st.DrawFn) -> bytes:
+    """Random bytes (a quarter of the time) or a mutated request."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.binary(max_size=512))
+    return draw(mutated_requests())
+
+
 @settings(
     max_examples=200,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(data=st.one_of(st.binary(max_size=512), mutated_requests()), eof=st.booleans())
+@given(data=hostile_inputs(), eof=st.booleans())
 def test_fuzz_daemon_survives(d: Daemon, data: bytes, eof: bool) -> None:
     """Whatever bytes a client sends, the daemon stays up, answers HTTP or nothing, and serves."""
     ex = exchange(d.front, data, timeout=0.3 if eof else 0.1, eof=eof)
+    outcome = [f"{'daemon' if r.from_daemon else 'worker'} {r.status}" for r in ex.finals]
+    event(f"eof={eof} {outcome or 'no answer'} {'closed' if ex.closed else 'open'}")
     assert ex.raw == b"" or ex.raw.startswith(b"HTTP/1.1 "), ex
     for r in ex.responses:
         assert r.status != 500, ex

@@ -315,11 +315,6 @@ def test_notify_ready_reload_stopping(tmp_short: Path) -> None:
         rx.close()
 
 
-@pytest.mark.xfail(
-    reason="daemon.py reload_and_restart sends READY=1 as soon as the old workers are "
-    "still ready, i.e. right after the rolling restart began, not when it ended",
-    strict=True,
-)
 def test_ready_after_reload_means_restart_finished(tmp_short: Path) -> None:
     """After HUP, READY=1 comes when every worker runs the new config, not before.
 

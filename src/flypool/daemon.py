@@ -89,6 +89,8 @@ class Daemon:
             max_header_size=d.max_header_size,
         )
         self.admin: asyncio.AbstractServer | None = None
+        # Socket-activated listeners not (yet) claimed by an app's listen entry.
+        self.inherited: dict[str, Any] = {}
         # The files this process created; a reload may name others, but
         # these are the ones to remove at exit.
         self.admin_path = config.daemon.admin_socket
@@ -116,9 +118,15 @@ class Daemon:
         try:
             for app in self.config.apps:
                 self._add_pool(app, loop)
-            inherited = systemd.listen_fds()
+            self.inherited = systemd.listen_fds()
             for app in self.config.apps:
-                await self._listen(app, loop, inherited)
+                await self._listen(app, loop, self.inherited)
+            if self.inherited:
+                # Kept open (an app added by a reload may claim them), but say so:
+                # a socket unit's backlog with nobody accepting hangs clients.
+                self.log.warning(
+                    "passed sockets match no listen entry", sockets=sorted(self.inherited)
+                )
             routes = AdminRoutes(self)
             self.admin = await start_admin(
                 d.admin_socket, d.admin_socket_mode, routes.handle, admin_gid(d.admin_group)
@@ -202,8 +210,17 @@ class Daemon:
     def _file_restart(self, pool: AppPool) -> None:
         request_restart(pool, None, f"{pool.cfg.restart_file} touched")
 
-    async def _notify_ready(self) -> None:
+    async def _notify_ready(self, restarts: dict[str, int] | None = None) -> None:
+        """READY=1 once every app has its workers, and (after HUP) its restart done."""
         await asyncio.gather(*(p.wait_all_ready() for p in self.pools.values()))
+        for name, rid in (restarts or {}).items():
+            pool = self.pools.get(name)
+            while (
+                pool is not None
+                and not pool.stopping
+                and (pool.rollout is not None or (pool.last_restart or {}).get("id", 0) < rid)
+            ):
+                await asyncio.sleep(0.05)
         self.log.info("all workers ready")
         self.notifier.ready(self._status_line())
 
@@ -280,7 +297,7 @@ class Daemon:
             if pool is None:
                 pool = self._add_pool(app, loop)
                 try:
-                    await self._listen(app, loop, {})
+                    await self._listen(app, loop, self.inherited)
                 except ListenError as exc:
                     del self.pools[app.name]
                     self.log.error(
@@ -321,10 +338,12 @@ class Daemon:
         """
         self.notifier.reloading()
         error = await self.reload() if self.reload_config is not None else None
+        restarts: dict[str, int] = {}
         if error is None:
             for pool in self.pools.values():
-                request_restart(pool, None, reason)
-        self.spawn(self._notify_ready())
+                restarts[pool.name] = request_restart(pool, None, reason)
+        # systemd's reload is over when every worker runs the new release.
+        self.spawn(self._notify_ready(restarts))
         return error
 
     # -- stop ----------------------------------------------------------------------------
