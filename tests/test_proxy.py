@@ -217,6 +217,23 @@ def test_worker_dying_mid_request_gives_502() -> None:
         d.wait_ready(2)
 
 
+def test_request_that_kills_its_worker_is_not_replayed() -> None:
+    """A reused upstream connection that dies with its worker: 502, no second victim."""
+    with running_daemon({"workers": 2, "worker_concurrency": 0}) as d:
+        pids = set(d.ready_pids())
+        conn = UnixHTTPConnection(d.front)
+        for _ in range(10):  # warm: pooled idle upstream connections to both workers
+            conn.request("GET", "/")
+            conn.getresponse().read()
+        conn.request("GET", "/crash")
+        assert conn.getresponse().status == 502
+        conn.close()
+        # Exactly one worker died; the other one kept serving.
+        eventually(lambda: len(pids & set(d.ready_pids())) == 1, 10, what="one survivor")
+        assert d.log().count("worker exited unexpectedly") == 1
+        d.wait_ready(2)
+
+
 def test_app_crashing_at_boot_backs_off_and_daemon_answers() -> None:
     app = {"workers": 2, "env": {"EXAMPLE_FAIL_AT_BOOT": "1"}, "queue_timeout": "1s"}
     with running_daemon(app, wait_workers=0) as d:

@@ -10,22 +10,23 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
+from flypool import handover, systemd
 from flypool import logging as flog
-from flypool import systemd
 from flypool.admin.routes import AdminRoutes
 from flypool.admin.server import admin_gid, start_admin
 from flypool.config import AppConfig, Config, ConfigError
-from flypool.http.client import Request, ServerState
+from flypool.http.client import ClientConnection, Request, ServerState
 from flypool.http.router import Router
 from flypool.http.server import ListenError, bind, remove_socket_file, serve, sweep
+from flypool.pool import spawner
 from flypool.pool.app import AppPool
 from flypool.pool.rollout import request_restart
 from flypool.pool.sampler import Sample, run_sampler
-from flypool.pool.worker import Worker
+from flypool.pool.worker import Worker, WorkerState
 from flypool.restart_file import watch_restart_file
 
 SAMPLE_INTERVAL = 2.0
@@ -91,6 +92,10 @@ class Daemon:
         self.admin: asyncio.AbstractServer | None = None
         # Socket-activated listeners not (yet) claimed by an app's listen entry.
         self.inherited: dict[str, Any] = {}
+        # Listen keys whose sockets this daemon (or the image before a USR2) bound.
+        self.owned: set[str] = set()
+        self.server_keys: list[str] = []
+        self.handing_over = False
         # The files this process created; a reload may name others, but
         # these are the ones to remove at exit.
         self.admin_path = config.daemon.admin_socket
@@ -104,21 +109,32 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         d = self.config.daemon
+        handed = handover.read_state()
         base = d.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/tmp"
-        _clean_stale_runtime_dirs(base)
-        try:
-            self.runtime_dir = tempfile.mkdtemp(prefix="flypool.", dir=base)
-            # Workers of other users reach only their own app's subdirectory.
-            os.chmod(self.runtime_dir, 0o711)
-        except OSError as exc:
-            self.log.error("cannot create runtime directory", dir=base, error=str(exc))
-            return 1
+        if handed is not None:
+            self.runtime_dir = handed["runtime_dir"]
+        else:
+            _clean_stale_runtime_dirs(base)
+            try:
+                self.runtime_dir = tempfile.mkdtemp(prefix="flypool.", dir=base)
+                # Workers of other users reach only their own app's subdirectory.
+                os.chmod(self.runtime_dir, 0o711)
+            except OSError as exc:
+                self.log.error("cannot create runtime directory", dir=base, error=str(exc))
+                return 1
         with open(os.path.join(self.runtime_dir, "daemon.pid"), "w") as f:
             f.write(f"{os.getpid()}\n")
         try:
             for app in self.config.apps:
                 self._add_pool(app, loop)
             self.inherited = systemd.listen_fds()
+            admin_sock = None
+            if handed is not None:
+                for key, info in handed["listeners"].items():
+                    self.inherited[key] = handover.adopt_socket(info["fd"])
+                    if info["owned"]:
+                        self.owned.add(key)
+                admin_sock = handover.adopt_socket(handed["admin_fd"])
             for app in self.config.apps:
                 await self._listen(app, loop, self.inherited)
             if self.inherited:
@@ -129,7 +145,11 @@ class Daemon:
                 )
             routes = AdminRoutes(self)
             self.admin = await start_admin(
-                d.admin_socket, d.admin_socket_mode, routes.handle, admin_gid(d.admin_group)
+                d.admin_socket,
+                d.admin_socket_mode,
+                routes.handle,
+                admin_gid(d.admin_group),
+                sock=admin_sock,
             )
         except ListenError as exc:
             self.log.error("cannot listen", error=str(exc))
@@ -146,6 +166,8 @@ class Daemon:
         self.tasks.append(
             loop.create_task(run_sampler(SAMPLE_INTERVAL, self._all_workers, self._sampled))
         )
+        if handed is not None:
+            await self._adopt(handed, loop)
         for pool in self.pools.values():
             if d.access_log:
                 pool.router.access_log = make_access_logger(pool.name, loop)
@@ -172,13 +194,18 @@ class Daemon:
     ) -> None:
         pool = self.pools[app.name]
         for addr in app.listen:
-            sock = inherited.pop(str(addr), None)
+            key = str(addr)
+            sock = inherited.pop(key, None)
             if sock is None:
                 sock = bind(addr, app.listen_mode)
+                self.owned.add(key)
+            if key in self.owned:
                 # Only sockets we bound are ours to remove; an inherited
                 # (socket-activated) one must outlive this process.
                 self.listen_addrs.append(addr)
-            self.servers.append(await serve(loop, sock, pool.router, self.state))
+            server = await serve(loop, sock, pool.router, self.state)
+            self.servers.append(server)
+            self.server_keys.append(key)
 
     def routers(self) -> list[Router]:
         """Routers of every app (the sweeper iterates this list)."""
@@ -240,7 +267,7 @@ class Daemon:
             signal.SIGQUIT: lambda: self.request_stop(fast=True),
             signal.SIGHUP: lambda: self.spawn(self.reload_and_restart()),
             signal.SIGUSR1: self.reopen_logs,
-            signal.SIGUSR2: self._usr2,
+            signal.SIGUSR2: lambda: self.spawn(self.handover()),
             signal.SIGTTIN: lambda: self.scale_all(+1),
             signal.SIGTTOU: lambda: self.scale_all(-1),
         }
@@ -267,10 +294,149 @@ class Daemon:
         flog.reopen()
         self.log.info("log file reopened")
 
-    def _usr2(self) -> None:
-        self.log.warning(
-            "USR2 (replace the daemon, keeping workers) is not supported by this version; "
-            "use HUP for a rolling restart or a socket-activated restart of the daemon"
+    async def handover(self) -> None:
+        """USR2: re-exec this process, passing sockets, workers and idle clients on."""
+        if self.handing_over or self.stop_event.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        log = self.log
+        # A restart or spawn in progress holds state that can't cross execv: wait.
+        deadline = loop.time() + 60.0
+        while any(p.rollout is not None or p._spawning for p in self.pools.values()):
+            if loop.time() > deadline:
+                log.error("hand-over abandoned: a restart is still running")
+                return
+            await asyncio.sleep(0.05)
+        self.handing_over = True
+        log.info("hand-over begins", pid=os.getpid())
+        self.notifier.reloading()
+        listeners = {}
+        for server, key in zip(self.servers, self.server_keys, strict=True):
+            for sock in cast(asyncio.Server, server).sockets:
+                listeners[key] = {"fd": handover.keep_socket(sock), "owned": key in self.owned}
+            server.close()
+        for key, sock in self.inherited.items():
+            listeners[key] = {"fd": handover.keep_socket(sock), "owned": False}
+        assert self.admin is not None
+        admin_fd = handover.keep_socket(cast(asyncio.Server, self.admin).sockets[0])
+        self.admin.close()
+        # Freeze connections as they fall idle; the busy ones get drain_timeout.
+        state = self.state
+        state.handing_over = True
+        for conn in list(state.connections):
+            if conn.is_idle():
+                conn.freeze()
+        limit = max((p.cfg.drain_timeout for p in self.pools.values()), default=0.0)
+        deadline = loop.time() + limit
+        while loop.time() < deadline and any(not c.frozen for c in state.connections):
+            await asyncio.sleep(0.005)
+        clients = []
+        for conn in list(state.connections):
+            transport = conn.transport
+            if conn.frozen and transport is not None:
+                sock = transport.get_extra_info("socket")
+                clients.append({"app": conn.router.app, "fd": handover.keep_socket(sock)})
+        workers = []
+        now = loop.time()
+        for pool in self.pools.values():
+            for w in pool.workers:
+                if w.state.value != "ready" or w.output_fds[0] < 0:
+                    continue
+                workers.append(
+                    {
+                        "app": pool.name,
+                        "pid": w.pid,
+                        "number": w.number,
+                        "generation": w.generation,
+                        "release": w.release,
+                        "address": w.address,
+                        "uptime_s": now - w.started_at,
+                        "processed": w.processed,
+                        "restarts": w.restarts,
+                        "out_fd": handover.keep_fd(w.output_fds[0]),
+                        "err_fd": handover.keep_fd(w.output_fds[1]),
+                    }
+                )
+        pools = {
+            p.name: {
+                "generation": p.generation,
+                "next_number": p._next_number,
+                "restart_seq": p.restart_seq,
+                "last_restart": p.last_restart,
+                "deployment_error": p.deployment_error,
+                "restarts_total": p.restarts_total,
+            }
+            for p in self.pools.values()
+        }
+        path = handover.write_state(
+            self.runtime_dir,
+            {
+                "runtime_dir": self.runtime_dir,
+                "listeners": listeners,
+                "admin_fd": admin_fd,
+                "workers": workers,
+                "clients": clients,
+                "pools": pools,
+                "uptime_s": now - self.started_at,
+            },
+        )
+        log.info("hand-over: executing the new image", workers=len(workers), clients=len(clients))
+        handover.exec_self(path)
+
+    async def _adopt(self, handed: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Take over what the previous image passed on (see flypool.handover)."""
+        self.started_at = loop.time() - handed.get("uptime_s", 0.0)
+        for name, info in handed["pools"].items():
+            pool = self.pools.get(name)
+            if pool is None:
+                continue
+            pool.generation = info["generation"]
+            pool._next_number = info["next_number"]
+            pool.restart_seq = info["restart_seq"]
+            pool.last_restart = info["last_restart"]
+            pool.deployment_error = info["deployment_error"]
+            pool.restarts_total = info["restarts_total"]
+        now = loop.time()
+        for ws in handed["workers"]:
+            for fd in (ws["out_fd"], ws["err_fd"]):
+                os.set_inheritable(fd, False)
+            pool = self.pools.get(ws["app"])
+            if pool is None:
+                # The app left the configuration: its workers go.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(ws["pid"], signal.SIGTERM)
+                continue
+            w = Worker(
+                ws["number"], ws["generation"], ws["release"], ws["address"], now - ws["uptime_s"]
+            )
+            w.pid = ws["pid"]
+            w.processed = ws["processed"]
+            w.restarts = ws["restarts"]
+            w.last_used = now
+            w.state = WorkerState.READY
+            try:
+                w.proc = spawner.AdoptedProcess(w.pid)
+            except ProcessLookupError:
+                continue  # exited during the switch; the pool refills its slot
+            pool.workers.append(w)
+            await spawner.follow_output(w, ws["out_fd"], ws["err_fd"], pool.name, pool.log)
+            pool.task(pool.watch(w, w.proc))
+        for c in handed["clients"]:
+            pool = self.pools.get(c["app"])
+            sock = handover.adopt_socket(c["fd"])
+            if pool is None:
+                sock.close()
+                continue
+            router = pool.router
+            await loop.connect_accepted_socket(
+                lambda r=router: ClientConnection(r, self.state, loop),  # type: ignore[misc]
+                sock=sock,
+            )
+        self.log.info(
+            "hand-over complete",
+            pid=os.getpid(),
+            workers=len(handed["workers"]),
+            clients=len(handed["clients"]),
         )
 
     def scale_all(self, delta: int) -> None:

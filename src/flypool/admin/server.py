@@ -137,19 +137,27 @@ async def _handle(
 
 
 async def start_admin(
-    path: str, mode: int, handler: Handler, group_gid: int | None = None
+    path: str,
+    mode: int,
+    handler: Handler,
+    group_gid: int | None = None,
+    sock: socket.socket | None = None,
 ) -> asyncio.AbstractServer:
-    """Listen on ``path`` (a socket nobody else is using) with ``mode``."""
+    """Listen on ``path`` (a socket nobody else is using) with ``mode``.
+
+    ``sock`` is an already listening socket handed over by USR2.
+    """
     from flypool.http.server import bind_unix
 
-    sock = bind_unix(path, mode)
-    os.chmod(path, mode)
-    if group_gid is not None:
-        # Members of admin_group need the socket file's group, and the group
-        # the same access as the owner, to reach it.
-        if os.geteuid() == 0:
-            os.chown(path, -1, group_gid)
-        os.chmod(path, mode | ((mode & 0o700) >> 3))
+    if sock is None:
+        sock = bind_unix(path, mode)
+        os.chmod(path, mode)
+        if group_gid is not None:
+            # Members of admin_group need the socket file's group, and the group
+            # the same access as the owner, to reach it.
+            if os.geteuid() == 0:
+                os.chown(path, -1, group_gid)
+            os.chmod(path, mode | ((mode & 0o700) >> 3))
     return await asyncio.start_unix_server(
         lambda r, w: _handle(r, w, handler, group_gid), sock=sock, limit=MAX_HEAD
     )

@@ -45,6 +45,9 @@ T_HEAD = 1
 T_BODY = 2
 T_IDLE = 3
 
+# How long after a reused connection broke to look whether its worker died.
+REPLAY_CHECK_DELAY = 0.05
+
 BUFFER_LIMIT = 65536
 REPLAY_LIMIT = 65536
 MAX_HEADERS = 100
@@ -54,12 +57,26 @@ class _HeadTooLarge(Exception):
     pass
 
 
+def worker_gone(w: Worker) -> bool:
+    """True when the worker process has exited (or is a zombie not yet reaped)."""
+    if w.state.value == "exited" or (w.proc is not None and w.proc.returncode is not None):
+        return True
+    # Off the hot path: only when a reused connection broke before any answer.
+    try:
+        with open(f"/proc/{w.pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
+
+
 class ServerState:
     """What all client connections of the daemon share."""
 
     __slots__ = (
         "body_timeout",
         "connections",
+        "handing_over",
         "header_timeout",
         "keepalive_timeout",
         "max_header_size",
@@ -80,6 +97,8 @@ class ServerState:
         self.body_timeout = body_timeout
         self.max_header_size = max_header_size
         self.shutting_down = False
+        # USR2: connections freeze (stop reading) as soon as they are idle.
+        self.handing_over = False
 
 
 class Request:
@@ -165,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         self.active: Request | None = None
         self.pipeline: deque[Request] | None = None
         self.tunnel = False
+        self.frozen = False
         # Per-request (parsing) state.
         self.parsing: Request | None = None
         self._in_head = False
@@ -457,16 +477,17 @@ class ClientConnection(asyncio.Protocol):
         req.upstream = None
         up.req = None
         router = self.router
+        if not up.got_bytes and req.worker is not None:
+            router.suspect(req.worker)
         if not up.got_bytes and up.reused and req.replay is not None and not req.response_started:
-            # The worker closed an idle keep-alive connection just as we reused
-            # it (PITFALLS: gunicorn #712): resend once, on a fresh connection.
+            # Either the worker closed an idle keep-alive connection just as we
+            # reused it (PITFALLS: gunicorn #712) -- resend once, on a fresh
+            # connection -- or the request killed the worker, and resending it
+            # would kill the next one. Tell them apart by whether the worker
+            # process is still alive a moment later.
+            w = req.worker
             router.release(req)
-            req.buf = req.replay + req.buf
-            req.buffered = sum(len(b) for b in req.buf)
-            req.replay = None
-            req.body_started = False
-            req.fresh = True
-            router.dispatch(req)
+            self.loop.call_later(REPLAY_CHECK_DELAY, self._replay_or_fail, req, w, why)
             return
         router.release(req)
         if req.response_started:
@@ -476,6 +497,20 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
             return
         self.fail_request(req, 502, why)
+
+    def _replay_or_fail(self, req: Request, w: Worker | None, why: str) -> None:
+        if req.done or self.transport is None:
+            return
+        if w is None or worker_gone(w):
+            self.fail_request(req, 502, why)
+            return
+        assert req.replay is not None
+        req.buf = req.replay + req.buf
+        req.buffered = sum(len(b) for b in req.buf)
+        req.replay = None
+        req.body_started = False
+        req.fresh = True
+        self.router.dispatch(req)
 
     def fail_request(self, req: Request, status: int, detail: str) -> None:
         """Answer ``req`` with an error of the daemon's own and close."""
@@ -541,7 +576,29 @@ class ClientConnection(asyncio.Protocol):
             if self.active is nxt and nxt.upstream is not None:
                 self._write_pending(nxt)
             return
+        if self.state.handing_over:
+            self.freeze()
+            return
         self._arm(T_IDLE, self.state.keepalive_timeout)
+
+    def is_idle(self) -> bool:
+        """No request in progress and nothing half-parsed: safe to hand over."""
+        return (
+            self.active is None
+            and not self.pipeline
+            and self.parsing is None
+            and not self._in_head
+            and not self.tunnel
+            and not self.closing
+            and self.transport is not None
+        )
+
+    def freeze(self) -> None:
+        """Stop reading for good: the next request waits in the kernel for the next image."""
+        self.frozen = True
+        self.timeout_kind = T_NONE
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def _abandon(self, req: Request) -> None:
         """The client is gone: release everything ``req`` holds."""

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from flypool.http.client import Request
 
 
+# A worker whose connection broke is re-checked this much later (its exit
+# status usually arrives well within it).
+SUSPECT_CHECK_DELAY = 0.05
+
+
 class RouterStats:
     """Counters read by status and /metrics; plain ints, bumped on the hot path."""
 
@@ -218,6 +223,20 @@ class Router:
             self.dispatch(req)
         else:
             req.conn.fail_request(req, 502, "no worker accepted the connection")
+
+    def suspect(self, w: Worker) -> None:
+        """Route around ``w`` until a liveness check clears it (see Worker.suspect)."""
+        if w.suspect:
+            return
+        w.suspect = True
+        self.loop.call_later(SUSPECT_CHECK_DELAY, self._check_suspect, w)
+
+    def _check_suspect(self, w: Worker) -> None:
+        from flypool.http.client import worker_gone
+
+        if not worker_gone(w):
+            w.suspect = False
+            self.serve_queue()
 
     def retire_idle(self, w: Worker) -> None:
         """Close ``w``'s pooled idle connections (before it is signalled)."""

@@ -205,7 +205,7 @@ class AppPool:
             self.log.info(
                 "worker spawned", pid=w.pid, worker=number, release=w.release, generation=generation
             )
-            self.task(self._watch(w, proc))
+            self.task(self.watch(w, proc))
             try:
                 await spawner.wait_ready(cfg, w, proc)
             except spawner.SpawnError as exc:
@@ -256,7 +256,7 @@ class AppPool:
         if for_maintain:
             self._arm_backoff()
 
-    async def _watch(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+    async def watch(self, w: Worker, proc: Any) -> None:
         """Wait for the process to exit (no SIGCHLD: uvloop owns it) and react."""
         code = await proc.wait()
         w.exit_status = code

@@ -19,7 +19,7 @@ def pick(workers: Sequence[Worker], concurrency: int, exclude: object = None) ->
     """
     best: Worker | None = None
     for w in workers:
-        if w.state is not _READY:
+        if w.state is not _READY or w.suspect:
             continue
         if concurrency and w.inflight >= concurrency:
             continue

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 SETPRIV = shutil.which("setpriv")
+# Output reader tasks, referenced until they end (the loop keeps weak refs only).
+_PUMPS: set[asyncio.Task[None]] = set()
 MAX_SOCKET_PATH = 107
 
 
@@ -151,24 +153,82 @@ async def start(cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> asyncio
     env = build_env(cfg, w.number, w.address)
     if ident is not None:
         env.update(HOME=ident.home, USER=ident.name, LOGNAME=ident.name)
+    # The output pipes are ours (not asyncio's), so that a USR2 hand-over can
+    # pass their read ends to the next daemon image.
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=w.release,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=out_w,
+            stderr=err_w,
             start_new_session=True,
         )
     except OSError as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
         raise SpawnError(f"cannot start {cfg.command[0]!r}: {exc}") from exc
+    finally:
+        os.close(out_w)
+        os.close(err_w)
     w.proc = proc
     w.pid = proc.pid
-    assert proc.stdout is not None and proc.stderr is not None
-    for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-        asyncio.get_running_loop().create_task(_pump(stream, name, w, cfg.name, log))
+    await follow_output(w, out_r, err_r, cfg.name, log)
     return proc
+
+
+async def follow_output(
+    w: Worker, out_fd: int, err_fd: int, app: str, log: FilteringBoundLogger
+) -> None:
+    """Read the worker's stdout/stderr pipes line by line in background tasks."""
+    loop = asyncio.get_running_loop()
+    w.output_fds = (out_fd, err_fd)
+    for fd, name in ((out_fd, "stdout"), (err_fd, "stderr")):
+        reader = asyncio.StreamReader(limit=65536)
+        await loop.connect_read_pipe(
+            lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
+            os.fdopen(fd, "rb", 0),
+        )
+        task = loop.create_task(_pump(reader, name, w, app, log))
+        _PUMPS.add(task)
+        task.add_done_callback(_PUMPS.discard)
+
+
+class AdoptedProcess:
+    """A worker inherited across a USR2 hand-over: watched through a pidfd.
+
+    uvloop only reaps processes it spawned itself, and SIGCHLD belongs to it,
+    so the exit of an adopted child is noticed with ``pidfd_open`` and reaped
+    with a targeted ``waitpid`` (never ``waitpid(-1)``).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = loop.create_future()
+        self._fd = os.pidfd_open(pid)
+        loop.add_reader(self._fd, self._exited)
+
+    def _exited(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._fd)
+        os.close(self._fd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = -1
+        self.returncode = code
+        if not self._done.done():
+            self._done.set_result(code)
+
+    async def wait(self) -> int:
+        """The exit code (negative: killed by that signal)."""
+        return await asyncio.shield(self._done)
 
 
 async def _pump(

@@ -64,6 +64,7 @@ class Worker:
         "last_used",
         "number",
         "output",
+        "output_fds",
         "pid",
         "proc",
         "processed",
@@ -73,6 +74,7 @@ class Worker:
         "rss_bytes",
         "started_at",
         "state",
+        "suspect",
     )
 
     def __init__(
@@ -96,10 +98,15 @@ class Worker:
         # Set the moment the pool decides to stop this worker, so a decision
         # taken just after (another TTOU, a restart) does not pick it again.
         self.retiring = False
+        # A connection to it broke before any answer: no new requests until
+        # a liveness check (a few ms later) clears it or it turns out dead.
+        self.suspect = False
         # Idle keep-alive upstream connections (flypool.http.upstream objects).
         self.idle_conns: list[Any] = []
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.proc: Any = None
+        # Read ends of the worker's stdout/stderr pipes (passed on by USR2).
+        self.output_fds: tuple[int, int] = (-1, -1)
 
     def transition(self, new: WorkerState) -> WorkerState:
         """Move to ``new`` if the table allows it; return the previous state."""
