@@ -477,6 +477,7 @@ def start_flypool(
     root: Path | None = None,
     ready_timeout: float = 60.0,
     listen: str | None = None,
+    interpreter_args: Sequence[str] = (),
 ) -> FlypoolDaemon:
     """Start ``python -m flypool run`` for one app on ``host:port`` and wait for its workers.
 
@@ -488,7 +489,9 @@ def start_flypool(
     the front address; it may contain ``{tmpdir}`` (e.g.
     ``"unix:{tmpdir}/app.sock"``). Returns once ``workers`` workers are
     ready according to ``GET /status`` on the admin socket and ``GET /``
-    on the front listener answers 2xx.
+    on the front listener answers 2xx. ``interpreter_args`` go between the
+    interpreter and ``-m flypool`` (e.g. ``["-m", "cProfile", "-o", PATH]``,
+    which runs the daemon itself under cProfile: the PID stays the daemon's).
     """
     tmpdir = short_tmpdir()
     unix_socket: Path | None = None
@@ -503,6 +506,7 @@ def start_flypool(
     admin_socket = tmpdir / "admin.sock"
     argv = [
         PYTHON,
+        *interpreter_args,
         "-m",
         "flypool",
         "run",
@@ -785,3 +789,69 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def command_version(argv: Sequence[str]) -> str:
+    """The first line a ``--version``-style command prints (stdout or stderr), or
+    ``"unknown (...)"`` when it cannot run. ``nginx -v`` and ``haproxy -v`` work too."""
+    return _command_version(argv)
+
+
+# --------------------------------------------------------------------------- more servers
+
+
+@dataclass
+class UnixBackend:
+    """An app server reached directly on the Unix socket ``socket_path``, with its
+    scratch directory (which holds the socket and the log)."""
+
+    proc: Managed
+    socket_path: Path
+    tmpdir: Path
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server and remove its scratch directory."""
+        try:
+            self.proc.stop(timeout)
+        finally:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def start_unix_backend(
+    name: str,
+    argv_template: Sequence[str],
+    *,
+    ready_path: str = "/",
+    timeout: float = 30.0,
+) -> UnixBackend:
+    """Start an app server on a Unix socket and wait until it answers.
+
+    ``argv_template`` items may contain ``{socket}`` (a path in a fresh short
+    ``/tmp`` directory) and ``{tmpdir}`` (e.g. ``[PYTHON, "-m",
+    "flypool.example", "--socket", "{socket}"]``). The server runs in that
+    directory, which also holds its log.
+    """
+    tmpdir = short_tmpdir()
+    socket_path = tmpdir / "app.sock"
+    argv = [a.format(socket=socket_path, tmpdir=tmpdir) for a in argv_template]
+    proc = start_process(name, argv, tmpdir / "backend.log", cwd=tmpdir)
+    backend = UnixBackend(proc=proc, socket_path=socket_path, tmpdir=tmpdir)
+    try:
+        wait_unix_http_ok(socket_path, ready_path, timeout, alive=proc.exited)
+    except BaseException:
+        backend.stop()
+        raise
+    return backend
+
+
+def proc_children(pid: int) -> list[int]:
+    """The PIDs whose parent is ``pid`` (a scan of ``/proc/*/stat``: the kernel's
+    ``/proc/PID/task/TID/children`` is not always built in)."""
+    children: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat_fields(int(entry.name))
+        if fields is not None and int(fields[4 - 3]) == pid:
+            children.append(int(entry.name))
+    return sorted(children)

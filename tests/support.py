@@ -275,10 +275,22 @@ def running_daemon(
             dm.wait_ready(n)
         yield dm
     finally:
-        with contextlib.suppress(Exception):
-            if proc.poll() is None:
-                dm.status()
+        leaked: object = None
+        if proc.poll() is None:
+            try:
+                # Every test also checks that no request is left holding a
+                # worker slot once its clients are gone.
+                eventually(
+                    lambda: all(
+                        w["sessions"] == 0 for a in dm.status()["apps"] for w in a["workers"]
+                    ),
+                    10,
+                    what="all worker sessions released",
+                )
+            except AssertionError as exc:
+                leaked = exc
         try:
+            assert leaked is None, leaked
             code = dm.stop()
             # Every test also checks that a graceful stop leaves no worker behind.
             dm.assert_no_workers_left()

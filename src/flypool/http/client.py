@@ -57,6 +57,14 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _BadVersion(Exception):
+    pass
+
+
+class _BadFraming(Exception):
+    pass
+
+
 def worker_gone(w: Worker) -> bool:
     """True when the worker process has exited (or is a zombie not yet reaped)."""
     if w.state.value == "exited" or (w.proc is not None and w.proc.returncode is not None):
@@ -176,6 +184,9 @@ class ClientConnection(asyncio.Protocol):
         # Per-connection state.
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Bytes after a "Connection: close" request are ignored, not an error
+        # that would cost the request already on its way to a worker.
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.pause_reasons = 0
         self.write_paused = False
         self.deadline = 0.0
@@ -194,6 +205,11 @@ class ClientConnection(asyncio.Protocol):
         self._head_pending = 0
         self._chunked = False
         self._has_body = False
+        self._expect = False
+        self._last: Request | None = None
+        self.read_eof = False
+        # A later pipelined request was malformed: answer it after the current one.
+        self.pending_error = 0
         self._data = b""
         self._raw_ok = False
         self._feeding = False
@@ -215,6 +231,20 @@ class ClientConnection(asyncio.Protocol):
             self._abandon(req)
         self.active = None
         self.pipeline = None
+
+    def eof_received(self) -> bool | None:
+        # A client may send its request and shut its write side: answer it
+        # before closing (HAProxy and the example worker do the same).
+        if (
+            self.active is not None
+            and self.active.complete
+            and not self._in_head
+            and not self.tunnel
+            and not self.active.upgrade
+        ):
+            self.read_eof = True
+            return True
+        return None
 
     def pause_writing(self) -> None:
         # The client reads slower than the worker writes: stop reading the worker.
@@ -246,8 +276,10 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._feeding = False
-            req = self.parsing
-            if req is not None:
+            # httptools completes the message before raising, so the request
+            # is the last one made, not self.parsing.
+            req = self._last
+            if req is not None and not req.done:
                 rest = data[int(exc.args[0]) :]
                 if rest:
                     req.buf.append(rest)
@@ -258,7 +290,12 @@ class ClientConnection(asyncio.Protocol):
             return
         except httptools.HttpParserCallbackError as exc:
             self._feeding = False
-            status = 431 if isinstance(exc.__context__, _HeadTooLarge) else 400
+            cause = exc.__context__
+            status = (
+                431
+                if isinstance(cause, _HeadTooLarge)
+                else (505 if isinstance(cause, _BadVersion) else 400)
+            )
             self._protocol_error(status)
             return
         except httptools.HttpParserError:
@@ -284,6 +321,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_pending = 0
         self._chunked = False
         self._has_body = False
+        self._expect = False
         if self.timeout_kind == T_IDLE:
             self._arm(T_HEAD, self.state.header_timeout)
 
@@ -299,6 +337,8 @@ class ClientConnection(asyncio.Protocol):
             self._chunked = True
         elif n == 14 and value != b"0" and name.lower() == b"content-length":
             self._has_body = True
+        elif n == 6 and name.lower() == b"expect":
+            self._expect = True
         if len(headers) > MAX_HEADERS:
             raise _HeadTooLarge
 
@@ -310,21 +350,45 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         version = parser.get_http_version()
         data = self._data
+        if version != "1.1" and version != "1.0":
+            raise _BadVersion
+        if self._chunked and version == "1.0":
+            # RFC 9112 section 6.1: chunked framing on HTTP/1.0 is faulty.
+            raise _BadFraming
         head: bytes | None = None
         if self._raw_ok:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                head = data[: end + 4]
+            # The raw bytes are used only when they are exactly
+            # "METHOD SP target SP HTTP/x.y" at the very start of the read;
+            # anything llhttp tolerated (leading blank lines, extra spaces) is
+            # rebuilt, so the worker parses exactly what we parsed.
+            url = self._url
+            m = len(method)
+            line = m + len(url) + 12  # METHOD SP url SP HTTP/x.y CRLF
+            if (
+                data.startswith(method)
+                and data[m : m + 1] == b" "
+                and data[m + 1 : m + 1 + len(url)] == url
+                and data[m + 1 + len(url) : m + 2 + len(url)] == b" "
+                and data[line - 2 : line] == b"\r\n"
+            ):
+                end = data.find(b"\r\n\r\n", line - 2)
+                if end >= 0:
+                    head = data[: end + 4]
         if head is None:
             head = build_request_head(method, self._url, version.encode(), self._headers)
         self._raw_ok = False
         req = Request(self, head, method)
+        self._last = req
         req.target = self._url
         req.http10 = version == "1.0"
         req.keep_alive = parser.should_keep_alive() and not self.state.shutting_down
         req.upgrade = parser.should_upgrade()
         req.chunked = self._chunked
-        req.awaiting_body = (self._chunked or self._has_body) and not req.upgrade
+        # Held until the body is in -- unless the client waits for the worker's
+        # "100 Continue" before sending it.
+        req.awaiting_body = (
+            (self._chunked or self._has_body) and not req.upgrade and not self._expect
+        )
         self.parsing = req
         router = self.router
         if router.health_path and target_path(self._url) == router.health_path:
@@ -563,7 +627,10 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if close or self.state.shutting_down or not req.complete:
+        if self.pending_error:
+            self._protocol_error(self.pending_error)
+            return
+        if close or self.state.shutting_down or not req.complete or self.read_eof:
             self.closing = True
             transport.close()
             return
@@ -666,6 +733,21 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def _protocol_error(self, status: int) -> None:
+        active = self.active
+        if active is not None and active.complete and not active.done and not self.tunnel:
+            # The request in progress is fine and may already be with a worker:
+            # let it finish, then answer the bad one and close.
+            for req in self._requests():
+                if req is not active:
+                    self._abandon(req)
+            self.pipeline = None
+            self.parsing = None
+            self.pending_error = status
+            self._pause(PAUSE_PIPELINE)
+            # The error came mid-read: what the good request buffered in that
+            # read has not been written to its worker yet.
+            self._flush_active()
+            return
         self.timeout_kind = T_NONE
         for req in self._requests():
             self._abandon(req)
