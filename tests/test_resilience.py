@@ -187,6 +187,37 @@ def test_workers_run_as_the_apps_user_and_group() -> None:
         assert get(d.front, "/")[0] == 200
 
 
+def test_listen_group_gives_the_web_server_access() -> None:
+    user = _ensure_test_user()
+    import grp
+
+    gname = grp.getgrgid(user.pw_gid).gr_name
+    with running_daemon({"workers": 1, "listen_mode": "0660", "listen_group": gname}) as d:
+        st = os.stat(d.front)
+        assert st.st_gid == user.pw_gid and st.st_mode & 0o777 == 0o660
+        os.chmod(d.dir, 0o755)
+        # The test user (in that group, like www-data for nginx) can connect.
+        res = subprocess.run(
+            [
+                "setpriv",
+                "--reuid",
+                str(user.pw_uid),
+                "--regid",
+                str(user.pw_gid),
+                "--init-groups",
+                "--",
+                PYTHON,
+                "-c",
+                f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({d.front!r});"
+                "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(12))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert "200" in res.stdout, res.stderr
+
+
 def test_root_workers_need_an_explicit_user_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("only meaningful when the daemon runs as root")

@@ -155,6 +155,7 @@ class AppConfig:
     command: tuple[str, ...]
     listen: tuple[ListenAddress, ...]
     listen_mode: int = 0o660
+    listen_group: str = ""  # group of Unix listen sockets (e.g. nginx's www-data)
     workers: int = 4
     worker_concurrency: int = 1
     max_queue: int = 100
@@ -344,6 +345,7 @@ _APP_CHECKS: dict[str, _Check] = {
     "command": _rule(_COMMAND_WHAT, _to_argv),
     "listen": _listen,
     "listen_mode": _MODE,
+    "listen_group": _STRING,
     "workers": _integer(1),
     "worker_concurrency": _integer(0),
     "max_queue": _integer(0),

@@ -197,7 +197,7 @@ class Daemon:
             key = str(addr)
             sock = inherited.pop(key, None)
             if sock is None:
-                sock = bind(addr, app.listen_mode)
+                sock = bind(addr, app.listen_mode, app.listen_group)
                 self.owned.add(key)
             if key in self.owned:
                 # Only sockets we bound are ours to remove; an inherited
@@ -328,7 +328,11 @@ class Daemon:
                 conn.freeze()
         limit = max((p.cfg.drain_timeout for p in self.pools.values()), default=0.0)
         deadline = loop.time() + limit
-        while loop.time() < deadline and any(not c.frozen for c in state.connections):
+        # Tunnels can't be passed on (their state is in two sockets and a worker):
+        # they are closed by the switch, so there is no point waiting for them.
+        while loop.time() < deadline and any(
+            not c.frozen and not c.tunnel for c in state.connections
+        ):
             await asyncio.sleep(0.005)
         clients = []
         for conn in list(state.connections):
@@ -364,6 +368,7 @@ class Daemon:
                 "restart_seq": p.restart_seq,
                 "last_restart": p.last_restart,
                 "deployment_error": p.deployment_error,
+                "drained": p.router.drained,
                 "restarts_total": p.restarts_total,
             }
             for p in self.pools.values()
@@ -381,6 +386,9 @@ class Daemon:
             },
         )
         log.info("hand-over: executing the new image", workers=len(workers), clients=len(clients))
+        if self.notifier.env_value:
+            # The next image owes systemd the READY=1 that ends this reload.
+            os.environ["NOTIFY_SOCKET"] = self.notifier.env_value
         handover.exec_self(path)
 
     async def _adopt(self, handed: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
@@ -396,6 +404,7 @@ class Daemon:
             pool.last_restart = info["last_restart"]
             pool.deployment_error = info["deployment_error"]
             pool.restarts_total = info["restarts_total"]
+            pool.router.drained = info.get("drained", False)
         now = loop.time()
         for ws in handed["workers"]:
             for fd in (ws["out_fd"], ws["err_fd"]):

@@ -23,6 +23,8 @@ class Notifier:
     """Sends sd_notify messages when NOTIFY_SOCKET is set; otherwise does nothing."""
 
     def __init__(self, path: str) -> None:
+        # As given in the environment, so a USR2 re-exec can pass it on.
+        self.env_value = path
         self.path = path
         if path.startswith("@"):
             # Abstract namespace socket.

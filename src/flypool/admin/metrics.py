@@ -57,7 +57,7 @@ def render_metrics(daemon: Daemon) -> str:
             round(st.queue_wait_total, 6),
         )
         add(
-            "flypool_queue_wait_count",
+            "flypool_queue_waits_total",
             "counter",
             "Requests that waited in the queue.",
             {"app": app},

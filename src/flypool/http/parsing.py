@@ -8,20 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# RFC 9112 §7.6.1: headers that describe one hop and must not be forwarded
-# as-is. Names are lower-case bytes because httptools hands us raw bytes.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 # Response headers the proxy rewrites when it rebuilds a head: the framing
 # header (transfer-encoding) and upgrade are kept because the body and the
 # tunnel are relayed unchanged.

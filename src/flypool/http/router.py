@@ -73,6 +73,9 @@ class Router:
         self.health_path = health_path.encode()
         self.max_request_time = max_request_time
         self.drained = False
+        # Set by the pool while no worker is ready and spawns keep failing:
+        # nothing can serve, so waiting in the queue would only end in 504.
+        self.failing = False
         # Worker recycling (max_requests); the pool installs the callback.
         self.max_requests = 0
         self.recycle: Callable[[Worker], None] = lambda w: None
@@ -111,6 +114,9 @@ class Router:
         if w is not None:
             # FIFO: someone is already waiting; they go first.
             self.serve_queue()
+        if self.failing:
+            req.conn.fail_request(req, 503, "no worker can serve: the app fails to start")
+            return
         if len(self.queue) >= self.max_queue:
             self.stats.rejected_full += 1
             req.conn.fail_request(req, 503, "queue full")
@@ -159,6 +165,16 @@ class Router:
             self.stats.queue_wait_total += req.queue_wait
             self.stats.queue_wait_count += 1
             self.take(req, w)
+
+    def set_failing(self, failing: bool) -> None:
+        """Enter or leave the "no worker can serve" state (queued requests get 503)."""
+        self.failing = failing
+        while failing and self.queue:
+            req = self.queue.popleft()
+            if req.timer is not None:
+                req.timer.cancel()
+                req.timer = None
+            req.conn.fail_request(req, 503, "no worker can serve: the app fails to start")
 
     def cancel(self, req: Request) -> None:
         """The client went away: drop ``req`` from the queue and free its slot."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import os
 import socket
 import stat
@@ -39,7 +40,7 @@ def _unix_in_use(path: str) -> bool:
         return True
 
 
-def bind_unix(path: str, mode: int) -> socket.socket:
+def bind_unix(path: str, mode: int, group: str = "") -> socket.socket:
     """Bind a Unix listener, removing a stale socket file but never a live one."""
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.stat(path).st_mode):
@@ -56,7 +57,13 @@ def bind_unix(path: str, mode: int) -> socket.socket:
     try:
         sock.bind(path)
         os.chmod(path, mode)
+        if group:
+            # So the web server's group (www-data) can connect to a 0660 socket.
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
         sock.listen(backlog())
+    except KeyError:
+        sock.close()
+        raise ListenError(f"{path}: listen_group {group!r} does not exist") from None
     except OSError as exc:
         sock.close()
         raise ListenError(f"{path}: {exc.strerror or exc}") from exc
@@ -80,10 +87,10 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind(addr: ListenAddress, mode: int) -> socket.socket:
+def bind(addr: ListenAddress, mode: int, group: str = "") -> socket.socket:
     """Bind one configured listen address."""
     if addr.kind == "unix":
-        return bind_unix(addr.path, mode)
+        return bind_unix(addr.path, mode, group)
     return bind_tcp(addr.host, addr.port)
 
 

@@ -224,6 +224,7 @@ class AppPool:
             w.last_used = self.loop.time()
             self.failures = 0
             self.spawn_error = None
+            self.router.failing = False
             self.log.info(
                 "worker ready", pid=w.pid, worker=number, boot_s=round(self.loop.time() - now, 3)
             )
@@ -233,6 +234,8 @@ class AppPool:
             self._spawning -= 1
 
     def _spawn_failed(self, w: Worker, reason: str, for_maintain: bool) -> None:
+        if for_maintain and not any(x.state is WorkerState.READY for x in self.workers):
+            self.router.set_failing(True)
         self.spawn_failures_total += 1
         self.failures += 1
         delay = min(BACKOFF_START * 2 ** (self.failures - 1), BACKOFF_MAX)
