@@ -1095,6 +1095,74 @@ def flypool_boots(raw: RawRun) -> list[float]:
     return boots
 
 
+def flypool_steps(raw: RawRun, old_pids: set[int], batch: int) -> dict[str, Any]:
+    """The rolling restart step by step, from flypool's log (times in s after the restart):
+    each new worker's spawn and ready, and the old ones retired with it (``stopping
+    worker`` and ``worker exited``), with the drain (new ready → old stopping), stop
+    (stopping → exited) and gap (old exited → next spawn) durations."""
+    names = {
+        "worker spawned": "spawned",
+        "worker ready": "ready",
+        "stopping worker": "stopping",
+        "worker exited": "exited",
+        "worker exited unexpectedly": "exited",
+    }
+    workers: dict[int, dict[str, Any]] = {}
+    for event in raw.events:
+        key = names.get(str(event.get("event")))
+        pid = event.get("pid")
+        t = event_time(event, raw.wall_t0)
+        if key is None or not isinstance(pid, int) or t is None or t > raw.duration_s:
+            continue
+        worker = workers.setdefault(pid, {"pid": pid})
+        worker.setdefault(key, round(t - raw.t_restart, 4))
+        if key == "spawned":
+            worker["generation"] = event.get("generation")
+        elif key == "ready":
+            worker["boot_s"] = event.get("boot_s")
+        elif key == "exited":
+            worker["exit"] = event.get("status")
+    new = sorted(
+        (w for w in workers.values() if w.get("spawned", -1.0) >= 0 and w["pid"] not in old_pids),
+        key=lambda w: w["spawned"],
+    )
+    old = sorted(
+        (w for pid, w in workers.items() if pid in old_pids and "stopping" in w),
+        key=lambda w: w["stopping"],
+    )
+    steps: list[dict[str, Any]] = []
+    for i in range(0, len(new), batch):
+        spawned, retired = new[i : i + batch], old[i : i + batch]
+        step: dict[str, Any] = {
+            "new_pids": [w["pid"] for w in spawned],
+            "old_pids": [w["pid"] for w in retired],
+            "spawned_at": min(w["spawned"] for w in spawned),
+            "boot_s": [w.get("boot_s") for w in spawned],
+        }
+        ready = [w["ready"] for w in spawned if "ready" in w]
+        if ready and len(ready) == len(spawned):
+            step["ready_at"] = max(ready)
+        if retired and "ready_at" in step:
+            step["old_stopping_at"] = min(w["stopping"] for w in retired)
+            step["drain_s"] = round(step["old_stopping_at"] - step["ready_at"], 4)
+            exited = [w["exited"] for w in retired if "exited" in w]
+            if len(exited) == len(retired):
+                step["old_exited_at"] = max(exited)
+                step["stop_s"] = round(step["old_exited_at"] - step["old_stopping_at"], 4)
+        if steps and "old_exited_at" in steps[-1]:
+            steps[-1]["gap_to_next_spawn_s"] = round(
+                step["spawned_at"] - steps[-1]["old_exited_at"], 4
+            )
+        steps.append(step)
+    markers = [
+        {"event": e.get("event"), "t": round(t - raw.t_restart, 4)}
+        for e in raw.events
+        if str(e.get("event")).startswith("restart")
+        and (t := event_time(e, raw.wall_t0)) is not None
+    ]
+    return {"steps": steps, "workers": list(workers.values()), "restart_events": markers}
+
+
 def analyse(raw: RawRun, settings: Settings) -> dict[str, Any]:
     """Turn one run's timeline into figures (times in s relative to the restart)."""
     s: dict[str, Any] = {
@@ -1259,6 +1327,8 @@ def analyse(raw: RawRun, settings: Settings) -> dict[str, Any]:
         boots = flypool_boots(raw)
         s["new_worker_boot_s"] = boots
         s["median_boot_s"] = statistics.median(boots) if boots else None
+        batch = 2 if raw.system == "flypool-b2" else 1
+        s["flypool_log"] = flypool_steps(raw, status_initial, batch)
         if raw.suite == "deploy":
             s["targets"] = flypool_targets(s, raw.system, settings)
     return s
@@ -1449,6 +1519,13 @@ def report_details(s: dict[str, Any]) -> None:
         )
     if len(s["failures"]) > 20:
         log(f"{tag}: ... {s['failed'] - 20} more failures")
+    for step in s.get("flypool_log", {}).get("steps", []):
+        log(
+            f"{tag}: step spawned {step['spawned_at']:+.3f}s new {step['new_pids']} "
+            f"boot {step['boot_s']} ready {_f(step.get('ready_at'), digits=3)}s "
+            f"drain {_f(step.get('drain_s'), 1e3, 0)} ms stop {_f(step.get('stop_s'), 1e3, 0)} ms "
+            f"gap {_f(step.get('gap_to_next_spawn_s'), 1e3, 0)} ms (old {step['old_pids']})"
+        )
     for slow in s["slowest_after_restart"][:3]:
         log(
             f"{tag}: slow {slow['latency_ms']:.1f} ms started {slow['start_rel_restart_s']:+.3f}s "

@@ -74,7 +74,6 @@ import os
 import random
 import shlex
 import signal
-import statistics
 import sys
 import time
 from collections import Counter
@@ -362,7 +361,9 @@ def check_body(kind: str, upload: Upload | None, headers: dict[bytes, bytes], bo
             answer = json.loads(body)
         except ValueError:
             return f"not JSON: {body[:60]!r}"
-        if not isinstance(answer, dict) or any(answer.get(k) != v for k, v in upload.expect.items()):
+        if not isinstance(answer, dict) or any(
+            answer.get(k) != v for k, v in upload.expect.items()
+        ):
             return f"expected {upload.expect}, got {body[:120]!r}"
     return ""
 
@@ -534,7 +535,9 @@ async def kill_one(daemon: FlypoolDaemon, rng: random.Random, got: Collected) ->
             why = f"status failed: {type(err).__name__}: {err}"
         else:
             ready = ready_workers(status, APP)
-            app = next((a for a in status.get("apps", []) if a.get("name") == APP), {})
+            app: dict[str, Any] = next(
+                (a for a in status.get("apps", []) if a.get("name") == APP), {}
+            )
             if ready:
                 worker = rng.choice(ready)
                 pid = int(worker["pid"])
@@ -668,7 +671,9 @@ async def poller(daemon: FlypoolDaemon, until: float, got: Collected) -> None:
         except Exception as err:
             got.poll_errors.append((t, f"{type(err).__name__}: {err}"))
         else:
-            app = next((a for a in status.get("apps", []) if a.get("name") == APP), {})
+            app: dict[str, Any] = next(
+                (a for a in status.get("apps", []) if a.get("name") == APP), {}
+            )
             got.polls.append(
                 {
                     "t": t,
@@ -698,7 +703,9 @@ async def wait_settled(daemon: FlypoolDaemon, workers: int, timeout: float) -> f
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             status: dict[str, Any] = await in_thread(daemon.status, 5.0)
-            app = next((a for a in status.get("apps", []) if a.get("name") == APP), {})
+            app: dict[str, Any] = next(
+                (a for a in status.get("apps", []) if a.get("name") == APP), {}
+            )
             listed = app.get("workers", [])
             if (
                 app.get("restart") is None
@@ -865,11 +872,7 @@ def analyse(
         if tb is None:
             continue
         te = next(
-            (
-                t
-                for e in ends
-                if (t := event_time(e, wall_t0)) is not None and t >= tb
-            ),
+            (t for e in ends if (t := event_time(e, wall_t0)) is not None and t >= tb),
             None,
         )
         restart_windows.append((tb, te))
@@ -912,9 +915,7 @@ def analyse(
     samples = {s.phase: s for s in got.samples if s.phase in ("start", "end")}
     start_s, end_s = samples.get("start"), samples.get("end")
     load_samples = [s for s in got.samples if s.phase == "load"]
-    rss_growth = (
-        (end_s.rss_bytes / start_s.rss_bytes - 1) * 100 if start_s and end_s else None
-    )
+    rss_growth = (end_s.rss_bytes / start_s.rss_bytes - 1) * 100 if start_s and end_s else None
     load_growth = (
         (load_samples[-1].rss_bytes / load_samples[0].rss_bytes - 1) * 100
         if len(load_samples) >= 2
@@ -926,8 +927,8 @@ def analyse(
     buckets = []
     width = args.sample_interval
     n_buckets = int(args.duration // width) + 1
-    for b in range(n_buckets):
-        lo, hi = b * width, (b + 1) * width
+    for n in range(n_buckets):
+        lo, hi = n * width, (n + 1) * width
         in_b = [r for r in soak if lo <= r.start - t0 < hi]
         if not in_b:
             continue
@@ -1000,8 +1001,7 @@ def analyse(
         "status_poll_errors": len(got.poll_errors),
         "goals": {
             "no_unexpected_failures": not unexpected,
-            "rss_growth_below_10pct": rss_growth is not None
-            and rss_growth < RSS_GROWTH_LIMIT_PCT,
+            "rss_growth_below_10pct": rss_growth is not None and rss_growth < RSS_GROWTH_LIMIT_PCT,
             "fds_back_to_start": fd_delta is not None and abs(fd_delta) <= FD_TOLERANCE,
         },
     }
@@ -1049,8 +1049,12 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+}"
+
+
 def _outcomes(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} × {v}" for k, v in counts.items()) or "—"
+    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "—"
 
 
 def markdown(args: argparse.Namespace, result: dict[str, Any], command: str) -> str:
@@ -1084,13 +1088,13 @@ def markdown(args: argparse.Namespace, result: dict[str, Any], command: str) -> 
         (
             "daemon RSS start → end (idle)",
             f"{mark(g['rss_growth_below_10pct'])} {_mib(s['rss_start_bytes'])} → "
-            f"{_mib(s['rss_end_bytes'])} ({s['rss_growth_pct']:+} %); max {_mib(s['rss_max_bytes'])}"
-            f", under load {s['rss_growth_under_load_pct']:+} %",
+            f"{_mib(s['rss_end_bytes'])} ({_signed(s['rss_growth_pct'])} %); "
+            f"max {_mib(s['rss_max_bytes'])}, under load {_signed(s['rss_growth_under_load_pct'])} %",
         ),
         (
             "daemon fds start → end (idle)",
             f"{mark(g['fds_back_to_start'])} {s['fds_start']} → {s['fds_end']} "
-            f"(Δ {s['fds_delta']:+}); max under load {s['fds_max']}",
+            f"(Δ {_signed(s['fds_delta'])}); max under load {s['fds_max']}",
         ),
         (
             "worker exits not caused by our kills",
