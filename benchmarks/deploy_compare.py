@@ -57,8 +57,12 @@ details), steady-state (requests started before the restart) p50/p99/max
 latency against the restart window (requests overlapping [restart, every
 process new]), the largest latency after the restart, time until every
 process is new (flypool: ``/status`` lists no old PID and 4 ready workers;
-others: the sampler sees no old process and 4 new ones), time to the first
-answer of the new generation and of the last answer of the old one. For the
+others: the sampler sees no old process and 4 new ones, which may still be
+booting), time to the first answer of the new generation, time until as many
+distinct new-generation PIDs as workers have answered (every new process
+serving; for flypool these are the gunicorn worker PIDs), and time of the last
+answer of the old generation. For flypool, its JSON log gives the restart step
+by step (boot, drain, stop of the old worker, gap to the next spawn). For the
 broken release: failures in the ``--broken-window`` (10 s) after the restart,
 the generations that answered, whether the old processes still serve, and
 for flypool ``deployment_error`` from ``/status``.

@@ -72,6 +72,7 @@ from common import (
     free_port,
     machine_info,
     poll_until,
+    proc_cpu_seconds,
     ready_workers,
     run_wrk,
     start_flypool,
@@ -240,6 +241,20 @@ class IdleRound:
     lost_after_load: int
     sample_ok: int
     """Idle connections of the sample that answered a second request after the load."""
+    cpu_without_s: float
+    """The daemon's CPU time (utime + stime) during the run without idle connections."""
+    cpu_with_s: float
+    """The same during the run with them."""
+
+    @property
+    def cpu_without_ms_per_1k(self) -> float:
+        """Daemon CPU ms per 1,000 requests without the idle connections."""
+        return self.cpu_without_s * 1e6 / max(1, self.without.requests)
+
+    @property
+    def cpu_with_ms_per_1k(self) -> float:
+        """Daemon CPU ms per 1,000 requests with the idle connections open."""
+        return self.cpu_with_s * 1e6 / max(1, self.with_idle.requests)
 
     @property
     def ratio(self) -> float:
@@ -267,6 +282,11 @@ class IdleRound:
             "daemon_fds": {"before": self.fds_before, "idle_open": self.fds_idle_open},
             "idle_lost_after_load": self.lost_after_load,
             "idle_sample_answered_after_load": self.sample_ok,
+            "daemon_cpu_s": {"without": self.cpu_without_s, "with_idle": self.cpu_with_s},
+            "daemon_cpu_ms_per_1k_requests": {
+                "without": self.cpu_without_ms_per_1k,
+                "with_idle": self.cpu_with_ms_per_1k,
+            },
         }
 
 
@@ -280,13 +300,15 @@ class IdleResult:
     rlimit_nofile: tuple[int, int] = (0, 0)
 
     def median(self, pick: str) -> float:
-        """Median over rounds of ``without``/``with`` req/s, p50 or p99."""
+        """Median over rounds of ``without``/``with`` ``rps``, ``p50``, ``p99`` or ``cpu``
+        (daemon CPU ms per 1,000 requests), e.g. ``"with:p99"``."""
         values = []
+        side, _, name = pick.partition(":")
         for r in self.rounds:
-            wrk = r.without if pick.startswith("without") else r.with_idle
-            field_name = pick.split(":", 1)[1]
+            wrk = r.without if side == "without" else r.with_idle
+            cpu = r.cpu_without_ms_per_1k if side == "without" else r.cpu_with_ms_per_1k
             values.append(
-                {"rps": wrk.requests_per_s, "p50": wrk.p50_ms, "p99": wrk.p99_ms}[field_name]
+                {"rps": wrk.requests_per_s, "p50": wrk.p50_ms, "p99": wrk.p99_ms, "cpu": cpu}[name]
             )
         return statistics.median(values)
 
@@ -349,12 +371,15 @@ def run_idle(args: argparse.Namespace, log_line: Callable[[str], None]) -> IdleR
         if args.warmup:
             run_wrk(url, duration_s=args.warmup, connections=args.connections)
 
-        def wrk() -> WrkResult:
-            return run_wrk(url, duration_s=args.duration, connections=args.connections)
+        def wrk() -> tuple[WrkResult, float]:
+            """One wrk run and the daemon's CPU seconds during it."""
+            before = proc_cpu_seconds(daemon.pid)
+            result = run_wrk(url, duration_s=args.duration, connections=args.connections)
+            return result, proc_cpu_seconds(daemon.pid) - before
 
         for number in range(1, args.rounds + 1):
             rss_before, fds_before = proc.memory_info().rss, proc.num_fds()
-            without = wrk()
+            without, cpu_without = wrk()
             log_line(
                 f"round {number}/{args.rounds} without idle: {without.requests_per_s:,.0f} req/s"
                 f"  p99 {without.p99_ms:.2f} ms; RSS {rss_before / MB:.1f} MiB, {fds_before} fds"
@@ -367,7 +392,7 @@ def run_idle(args: argparse.Namespace, log_line: Callable[[str], None]) -> IdleR
                 f"round {number}/{args.rounds} opened {len(socks)} idle in {open_s:.1f}s; "
                 f"RSS {rss_open / MB:.1f} MiB, {fds_open} fds"
             )
-            with_idle = wrk()
+            with_idle, cpu_with = wrk()
             rss_after = proc.memory_info().rss
             lost = lost_connections(socks)
             sample = socks[:SAMPLE]
@@ -390,6 +415,8 @@ def run_idle(args: argparse.Namespace, log_line: Callable[[str], None]) -> IdleR
                     fds_idle_open=fds_open,
                     lost_after_load=lost,
                     sample_ok=len(sample),
+                    cpu_without_s=cpu_without,
+                    cpu_with_s=cpu_with,
                 )
             )
             close_all(socks)
@@ -586,13 +613,15 @@ def markdown(idle: IdleResult | None, pool: PoolResult | None) -> str:
             f"**(a) {idle.idle:,} idle keep-alive connections + wrk -c32** "
             f"({len(idle.rounds)} interleaved rounds, medians)",
             "",
-            "| | req/s | p50 ms | p99 ms | daemon RSS MiB | daemon fds |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| | req/s | p50 ms | p99 ms | daemon CPU ms/1k req | daemon RSS MiB | daemon fds |",
+            "|---|---:|---:|---:|---:|---:|---:|",
             f"| without idle | {idle.median('without:rps'):,.0f} "
             f"| {idle.median('without:p50'):.2f} | {idle.median('without:p99'):.2f} "
+            f"| {idle.median('without:cpu'):.1f} "
             f"| {idle.rss_baseline_mb:.1f} | {idle.rounds[0].fds_before} |",
             f"| with {idle.idle:,} idle | {idle.median('with:rps'):,.0f} "
             f"| {idle.median('with:p50'):.2f} | {idle.median('with:p99'):.2f} "
+            f"| {idle.median('with:cpu'):.1f} "
             f"| {idle.rss_max_mb:.1f} (max) | {max(r.fds_idle_open for r in idle.rounds)} |",
             "",
             f"Throughput with/without per round: "

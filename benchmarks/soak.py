@@ -216,6 +216,8 @@ class Sample:
     """Live (non-zombie) child processes."""
     ready_workers: int | None
     upstream_connections: int | None
+    fd_kinds: dict[str, int] = field(default_factory=dict)
+    """What the fds are (see `fd_inventory`), to tell a leak's kind."""
 
 
 @dataclass
@@ -614,6 +616,69 @@ async def faults(args: argparse.Namespace, daemon: FlypoolDaemon, got: Collected
             await ask_restart(daemon, got)
 
 
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+UNIX_STATES = {"01": "unconnected", "02": "connecting", "03": "connected", "04": "disconnecting"}
+
+
+def _socket_table() -> dict[str, str]:
+    """Socket inode → ``unix:PATH-or-unnamed:STATE`` or ``tcp:STATE`` (from ``/proc/net``)."""
+    table: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 7:
+                where = "unnamed" if len(cols) < 8 else Path(cols[7]).name
+                table[cols[6]] = f"unix:{where}:{UNIX_STATES.get(cols[5], cols[5])}"
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                cols = line.split()
+                if len(cols) >= 10:
+                    table[cols[9]] = f"tcp:{TCP_STATES.get(cols[3], cols[3])}"
+    return table
+
+
+def fd_inventory(pid: int) -> dict[str, int]:
+    """Count a process's fds by kind: ``pipe``, ``unix:NAME:STATE``, ``tcp:STATE``,
+    ``anon_inode:[...]`` or the file path. Worker socket names are shortened to
+    ``N.sock`` → ``worker.sock``."""
+    table = _socket_table()
+    kinds: Counter[str] = Counter()
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{entry}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            kind = table.get(target[8:-1], "socket:?")
+            head, _, rest = kind.partition(":")
+            name, _, state = rest.partition(":")
+            if head == "unix" and name.removesuffix(".sock").isdigit():
+                kind = f"unix:worker.sock:{state}"
+        elif target.startswith("pipe:"):
+            kind = "pipe"
+        else:
+            kind = target
+        kinds[kind] += 1
+    return dict(sorted(kinds.items()))
+
+
 def sample(daemon: FlypoolDaemon, phase: str, status: dict[str, Any] | None) -> Sample:
     """Read the daemon's RSS, fds, threads and live children (psutil)."""
     proc = psutil.Process(daemon.pid)
@@ -638,6 +703,7 @@ def sample(daemon: FlypoolDaemon, phase: str, status: dict[str, Any] | None) -> 
         children=children,
         ready_workers=len(ready_workers(status, APP)) if status is not None else None,
         upstream_connections=app.get("upstream_connections") if app is not None else None,
+        fd_kinds=fd_inventory(daemon.pid),
     )
 
 
@@ -886,6 +952,13 @@ def analyse(
     )
 
     kill_times = [k.t - t0 for k in got.kills]
+    # Unexpected failures of requests that started shortly after a kill and failed
+    # within the window: routed to the dead worker before the daemon noticed.
+    after_kill: list[float] = []
+    for r in unexpected:
+        since = [r.start - t0 - k for k in kill_times if k <= r.start - t0]
+        if since and min(since) <= args.expected_window and not r.corrupt:
+            after_kill.append(min(since))
     restart_times = [a.t - t0 for a in got.restarts]
 
     def failure_detail(r: Request) -> dict[str, Any]:
@@ -959,6 +1032,12 @@ def analyse(
         "unexpected_failures": len(unexpected),
         "unexpected_by_outcome": dict(Counter(r.outcome() for r in unexpected).most_common()),
         "unexpected_in_warmup": sum(r.phase == "warmup" for r in unexpected),
+        "unexpected_by_reason": dict(Counter(_reason(r) for r in unexpected).most_common()),
+        "unexpected_started_just_after_kill": len(after_kill),
+        "unexpected_start_after_kill_ms_max": _round(max(after_kill) * 1e3, 2)
+        if after_kill
+        else None,
+        "expected_by_reason": dict(Counter(_reason(r) for r in expected).most_common()),
         "kills": len(got.kills),
         "kills_skipped": [(round(t - t0, 3), why) for t, why in got.skipped_kills],
         "restarts_asked": len(got.restarts),
@@ -991,6 +1070,13 @@ def analyse(
         "fds_end": end_s.fds if end_s else None,
         "fds_delta": fd_delta,
         "fds_max": max((s.fds for s in got.samples), default=None),
+        "fd_kinds_change": {
+            kind: (end_s.fd_kinds.get(kind, 0) - start_s.fd_kinds.get(kind, 0))
+            for kind in sorted({*start_s.fd_kinds, *end_s.fd_kinds})
+            if end_s.fd_kinds.get(kind, 0) != start_s.fd_kinds.get(kind, 0)
+        }
+        if start_s and end_s
+        else None,
         "settled_after_load_s": _round(
             got.t_settled - got.t_end_load if got.t_settled is not None else None, 2
         ),
@@ -1041,6 +1127,13 @@ def analyse(
     }
 
 
+def _reason(r: Request) -> str:
+    """A failure's status or exception plus the daemon's reason (its 502 body's last line)."""
+    if r.status is not None and not r.corrupt and r.body:
+        return f"{r.status} {r.body.strip().splitlines()[-1]}"
+    return r.outcome()
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -1072,12 +1165,18 @@ def markdown(args: argparse.Namespace, result: dict[str, Any], command: str) -> 
         ("ok latency p50 / p99 / max", f"{lat['p50']} / {lat['p99']} / {lat['max']} ms"),
         (
             "expected failures (in flight at a kill)",
-            f"{s['expected_failures']:,}: {_outcomes(s['expected_by_outcome'])}",
+            f"{s['expected_failures']:,}: {_outcomes(s['expected_by_reason'])}",
         ),
         (
             "unexpected failures",
             f"{mark(g['no_unexpected_failures'])} {s['unexpected_failures']}: "
-            f"{_outcomes(s['unexpected_by_outcome'])}",
+            f"{_outcomes(s['unexpected_by_reason'])}"
+            + (
+                f"; {s['unexpected_started_just_after_kill']} of them started "
+                f"<= {s['unexpected_start_after_kill_ms_max']} ms after a kill"
+                if s["unexpected_started_just_after_kill"]
+                else ""
+            ),
         ),
         ("SIGKILLs", f"{s['kills']} (skipped: {len(s['kills_skipped'])})"),
         (
@@ -1089,12 +1188,17 @@ def markdown(args: argparse.Namespace, result: dict[str, Any], command: str) -> 
             "daemon RSS start → end (idle)",
             f"{mark(g['rss_growth_below_10pct'])} {_mib(s['rss_start_bytes'])} → "
             f"{_mib(s['rss_end_bytes'])} ({_signed(s['rss_growth_pct'])} %); "
-            f"max {_mib(s['rss_max_bytes'])}, under load {_signed(s['rss_growth_under_load_pct'])} %",
+            f"max {_mib(s['rss_max_bytes'])}, "
+            f"under load {_signed(s['rss_growth_under_load_pct'])} %",
         ),
         (
             "daemon fds start → end (idle)",
             f"{mark(g['fds_back_to_start'])} {s['fds_start']} → {s['fds_end']} "
             f"(Δ {_signed(s['fds_delta'])}); max under load {s['fds_max']}",
+        ),
+        (
+            "fd kinds that changed (end - start)",
+            ", ".join(f"{k} {v:+}" for k, v in (s["fd_kinds_change"] or {}).items()) or "none",
         ),
         (
             "worker exits not caused by our kills",

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import (
     PYTHON,
+    Daemon,
     eventually,
     get,
     running_daemon,
@@ -34,8 +35,6 @@ def test_sigkilled_daemon_takes_its_workers_and_the_next_start_cleans_up() -> No
     try:
         admin = str(d_dir / "admin.sock")
         eventually(lambda: os.path.exists(admin), 15, what="admin socket")
-        from tests.support import Daemon
-
         probe = Daemon(d_dir, cfg, first, d_dir / "first.log")
         pids = probe.wait_ready(2)
         first.kill()  # no hand-over, no cleanup
@@ -102,6 +101,25 @@ def test_a_thousand_aborted_requests_leak_nothing() -> None:
             lambda: daemon.num_fds() <= fds_before + 2, 15, what=f"fd count back near {fds_before}"
         )
         assert get(d.front, "/")[0] == 200
+
+
+def _replaced(d: Daemon, victim: int) -> bool:
+    pids = d.ready_pids()
+    return victim not in pids and len(pids) == 2
+
+
+def test_dead_workers_leave_no_descriptors_behind() -> None:
+    with running_daemon({"workers": 2}) as d:
+        daemon = psutil.Process(d.proc.pid)
+        assert get(d.front, "/")[0] == 200
+        eventually(lambda: d.app()["upstream_connections"] == 0, 10, what="idle conns retired")
+        fds = daemon.num_fds()
+        for _ in range(4):
+            victim = d.ready_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            eventually(lambda: _replaced(d, victim), 20, what="replacement")  # noqa: B023
+        # Each worker's output pipes are closed with it (uvloop leaves them open).
+        eventually(lambda: daemon.num_fds() <= fds, 10, what=f"fds back to {fds}")
 
 
 def _ensure_test_user() -> pwd.struct_passwd:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -192,6 +193,37 @@ def test_release_that_raises_at_import_is_refused() -> None:
 
 def test_release_that_never_gets_ready_is_refused() -> None:
     _broken_release_scenario("never_ready", {"start_timeout": "1500ms"})
+
+
+def test_gunicorn_without_ready_path_still_refuses_a_broken_release() -> None:
+    """gunicorn accepts before importing the app; a death right after "ready" counts."""
+    base = Path(short_dir())
+    _a, b = _capistrano(base)
+    gunicorn = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        "unix:{socket}",
+        "--workers",
+        "1",
+        "--no-control-socket",
+        "flypool.example.wsgi:app",
+    ]
+    app = _app(base, workers=3, env={}, command=gunicorn)
+    with running_daemon(app, directory=base) as d:
+        old = set(d.ready_pids())
+        (b / "fail_at_boot").touch()
+        point_current(base, b)
+        with LoadGen(d.front, clients=3) as load:
+            res = d.cli("restart", "--wait", "--timeout", "60")
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        st = d.app()
+        assert st["state"] == "deployment_error"
+        assert "exited" in st["deployment_error"]["reason"]
+        # At most the one worker swapped before the failure showed is gone.
+        assert len(old & set(d.ready_pids())) >= 2
+        assert load.failures() == {}, load.statuses
 
 
 def test_deployment_error_output_is_in_status() -> None:

@@ -543,6 +543,15 @@ class ClientConnection(asyncio.Protocol):
         router = self.router
         if not up.got_bytes and req.worker is not None:
             router.suspect(req.worker)
+        if not up.got_bytes and up.unread and req.replay is not None and not req.response_started:
+            # The worker never read the request (it was already dead, e.g.
+            # SIGKILLed a moment ago): send it to another worker right away.
+            w = req.worker
+            router.release(req)
+            if w is not None:
+                router.exclude(req, w)
+            self._replay(req)
+            return
         if not up.got_bytes and up.reused and req.replay is not None and not req.response_started:
             # Either the worker closed an idle keep-alive connection just as we
             # reused it (PITFALLS: gunicorn #712) -- resend once, on a fresh
@@ -568,6 +577,9 @@ class ClientConnection(asyncio.Protocol):
         if w is None or worker_gone(w):
             self.fail_request(req, 502, why)
             return
+        self._replay(req)
+
+    def _replay(self, req: Request) -> None:
         assert req.replay is not None
         req.buf = req.replay + req.buf
         req.buffered = sum(len(b) for b in req.buf)

@@ -222,19 +222,33 @@ class Router:
             return
         up.attach(req, reused=False)
 
+    def exclude(self, req: Request, w: Worker) -> None:
+        """Don't send ``req`` to ``w`` again (it failed there before reaching it)."""
+        if req.tried is None:
+            req.tried = set()
+        req.tried.add(w)
+
+    def retry_elsewhere(self, req: Request) -> None:
+        """``req`` never reached its worker (still connecting when it died): go on."""
+        w = req.worker
+        if w is None or req.done:
+            return
+        self.release(req)
+        self.exclude(req, w)
+        self.dispatch(req)
+
     def _connect_failed(self, req: Request, w: Worker) -> None:
         if req.worker is not w or req.done:
             return
         self.release(req)
-        if req.tried is None:
-            req.tried = set()
-        req.tried.add(w)
+        self.exclude(req, w)
         # A worker that refuses connections gets no more requests until the
         # pool decides what it is; try the others (SPEC §6).
-        alt = pick(self.workers, self.concurrency, req.tried)
+        tried = req.tried or set()
+        alt = pick(self.workers, self.concurrency, tried)
         if alt is not None:
             self.take(req, alt)
-        elif any(x.state.value == "ready" and x not in req.tried for x in self.workers):
+        elif any(x.state.value == "ready" and x not in tried for x in self.workers):
             # All other ready workers are busy: wait in line like everyone else.
             self.dispatch(req)
         else:

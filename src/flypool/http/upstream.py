@@ -47,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "transport",
         "tunnel",
+        "unread",
         "worker",
     )
 
@@ -70,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.complete = False
         self.must_close = False
+        self.unread = False
         self.status = 0
 
     # -- asyncio.Protocol ------------------------------------------------------
@@ -159,6 +161,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        # EPIPE/ECONNRESET: the worker never read what we sent (it was gone,
+        # or died with our bytes unread). A clean EOF means it may have.
+        self.unread = exc is not None
         req = self.req
         if req is None:
             w = self.worker

@@ -278,7 +278,24 @@ class AppPool:
                 uptime_s=round(uptime, 3),
                 hint="SIGKILL: out of memory?" if code == -9 else None,
             )
-            if uptime < STABLE_AFTER:
+            rollout = self.rollout
+            if (
+                rollout is not None
+                and w.generation == rollout.generation
+                and uptime < STABLE_AFTER
+                and self.cfg.resist_deployment_errors
+            ):
+                # A new-release worker that passed the readiness check and died
+                # at once (gunicorn accepts before importing the app) is a
+                # broken release: stop the rollout before more old workers go.
+                self._spawn_failed(
+                    w,
+                    f"new worker exited {uptime:.1f}s after it was ready "
+                    f"(status {spawner.describe_exit(code)})",
+                    False,
+                )
+                rollout.broken(str(self.spawn_error["reason"] if self.spawn_error else ""))
+            elif uptime < STABLE_AFTER:
                 self._spawn_failed(
                     w,
                     f"crashed after {uptime:.1f}s with status {spawner.describe_exit(code)}",
@@ -296,8 +313,11 @@ class AppPool:
         self.router.retire_idle(w)
 
     def _fail_inflight(self, w: Worker) -> None:
+        # Requests still connecting to the dead worker were never sent: they go
+        # to another worker (SPEC section 6). Those on a connection fail when
+        # that connection reports the loss.
         for req in [r for r in self.router.active if r.worker is w and r.upstream is None]:
-            req.conn.fail_request(req, 502, "worker exited")
+            self.router.retry_elsewhere(req)
 
     # -- retiring ---------------------------------------------------------------------
 

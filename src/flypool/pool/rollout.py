@@ -99,6 +99,11 @@ class Rollout:
         """The worker count changed mid-restart (scale, TTIN/TTOU)."""
         self._wake.set()
 
+    def broken(self, reason: str) -> None:
+        """A new worker of this rollout died right after getting ready."""
+        if self.aborted is None:
+            self._deployment_error(reason)
+
     def abort(self, why: str) -> None:
         """Stop after the current step (daemon shutdown)."""
         if self.aborted is None:

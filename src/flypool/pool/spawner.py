@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flypool.config import AppConfig
@@ -188,13 +189,23 @@ async def follow_output(
     w.output_fds = (out_fd, err_fd)
     for fd, name in ((out_fd, "stdout"), (err_fd, "stderr")):
         reader = asyncio.StreamReader(limit=65536)
-        await loop.connect_read_pipe(
+        transport, _ = await loop.connect_read_pipe(
             lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
             os.fdopen(fd, "rb", 0),
         )
         task = loop.create_task(_pump(reader, name, w, app, log))
+        # uvloop does not close a read pipe at EOF: close it, or every exited
+        # worker would leave two descriptors behind.
+        task.add_done_callback(_closer(transport))
         _PUMPS.add(task)
         task.add_done_callback(_PUMPS.discard)
+
+
+def _closer(transport: asyncio.BaseTransport) -> Callable[[asyncio.Task[None]], None]:
+    def close(_task: asyncio.Task[None]) -> None:
+        transport.close()
+
+    return close
 
 
 class AdoptedProcess:
