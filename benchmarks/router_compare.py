@@ -576,6 +576,7 @@ def profile_py_spy(
     ]
     out_path.unlink(missing_ok=True)
     log_path = out_path.with_suffix(".log")
+    log_path.unlink(missing_ok=True)  # `start_process` appends; the attach check reads it
     spy = start_process("py-spy", argv, log_path)
     try:
         # py-spy prints its banner once it has attached; give it a moment before loading.

@@ -340,9 +340,11 @@ SAMPLE = 100
 
 
 def wait_fds_back(proc: psutil.Process, baseline: int, timeout: float) -> None:
-    """Wait until the daemon has closed its ends of the idle connections."""
+    """Wait until the daemon has closed its ends of the client connections (its fd count
+    back within 16 of ``baseline``, its count before any load), so that every
+    round starts alike."""
     poll_until(
-        lambda: True if proc.num_fds() <= baseline + 64 else None,
+        lambda: True if proc.num_fds() <= baseline + 16 else None,
         timeout,
         "the daemon to close the idle connections",
     )
@@ -366,6 +368,7 @@ def run_idle(args: argparse.Namespace, log_line: Callable[[str], None]) -> IdleR
         assert daemon.unix_socket is not None
         url = f"http://127.0.0.1:{port}/"
         proc = psutil.Process(daemon.pid)
+        fds_idle_daemon = proc.num_fds()
         daemon_limit = proc.rlimit(psutil.RLIMIT_NOFILE)
         log_line(f"daemon pid {daemon.pid}, RLIMIT_NOFILE {daemon_limit}; wrk on {url}")
         if args.warmup:
@@ -378,6 +381,7 @@ def run_idle(args: argparse.Namespace, log_line: Callable[[str], None]) -> IdleR
             return result, proc_cpu_seconds(daemon.pid) - before
 
         for number in range(1, args.rounds + 1):
+            wait_fds_back(proc, fds_idle_daemon, 60.0)
             rss_before, fds_before = proc.memory_info().rss, proc.num_fds()
             without, cpu_without = wrk()
             log_line(
@@ -421,7 +425,6 @@ def run_idle(args: argparse.Namespace, log_line: Callable[[str], None]) -> IdleR
             )
             close_all(socks)
             socks = []
-            wait_fds_back(proc, fds_before, 60.0)
     finally:
         close_all(socks)
         daemon.stop()

@@ -162,7 +162,7 @@ class Daemon:
         # Never keep a release directory busy: old releases must be deletable.
         os.chdir("/")
         self._install_signals(loop)
-        self.tasks.append(loop.create_task(sweep(self.state, self.routers(), self._stuck)))
+        self.tasks.append(loop.create_task(sweep(self.state, self.routers())))
         self.tasks.append(
             loop.create_task(run_sampler(SAMPLE_INTERVAL, self._all_workers, self._sampled))
         )
@@ -226,13 +226,6 @@ class Daemon:
             if w in pool.workers:
                 return name
         return ""
-
-    def _stuck(self, router: Router, workers: list[Worker]) -> None:
-        pool = self.pools.get(router.app)
-        if pool is None:
-            return
-        for w in workers:
-            pool.replace_worker(w, "max_request_time exceeded", drain=False)
 
     def _file_restart(self, pool: AppPool) -> None:
         request_restart(pool, None, f"{pool.cfg.restart_file} touched")

@@ -251,12 +251,14 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = True
         req = self.active
         if req is not None and req.upstream is not None and req.upstream.transport is not None:
+            req.upstream.read_paused = True
             req.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         req = self.active
         if req is not None and req.upstream is not None and req.upstream.transport is not None:
+            req.upstream.read_paused = False
             req.upstream.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -480,6 +482,7 @@ class ClientConnection(asyncio.Protocol):
         if not self._feeding:
             self._write_pending(req)
         if self.write_paused and req.upstream is not None and req.upstream.transport:
+            req.upstream.read_paused = True
             req.upstream.transport.pause_reading()
 
     def _flush_active(self) -> None:

@@ -79,6 +79,8 @@ class Router:
         # Worker recycling (max_requests); the pool installs the callback.
         self.max_requests = 0
         self.recycle: Callable[[Worker], None] = lambda w: None
+        # Stuck workers (max_request_time); the pool installs the callback.
+        self.stuck: Callable[[Worker], None] = lambda w: None
         # Called once per finished request when the access log is on.
         self.access_log: Callable[[Request, int, Worker | None], None] | None = None
         self.queue: deque[Request] = deque()
@@ -290,23 +292,24 @@ class Router:
                         c.close()
                 w.idle_conns = keep
 
-    def sweep_request_time(self, now: float) -> list[Worker]:
-        """Answer 504 for requests over ``max_request_time``; return their workers."""
+    def sweep_request_time(self, now: float) -> None:
+        """Answer 504 for requests over ``max_request_time`` and replace their workers."""
         limit = self.max_request_time
         if not limit:
-            return []
+            return
         # Tunnels (WebSocket) are long-lived by design; only drain_timeout bounds them.
         stuck = [
             r
             for r in self.active
             if r.started_at and now - r.started_at > limit and not r.conn.tunnel
         ]
-        workers: list[Worker] = []
+        workers = {r.worker for r in stuck if r.worker is not None}
+        # Take the workers out of routing first: failing their requests frees
+        # slots that the queue would otherwise hand straight back to them.
+        for w in workers:
+            self.stuck(w)
         for r in stuck:
-            if r.worker is not None and r.worker not in workers:
-                workers.append(r.worker)
             r.conn.fail_request(r, 504, "max_request_time exceeded")
-        return workers
 
     def upstream_connections(self) -> int:
         """Idle plus busy upstream connections (tests use this)."""

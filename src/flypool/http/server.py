@@ -105,8 +105,8 @@ async def serve(
     )
 
 
-async def sweep(state: ServerState, routers: list[Router], on_stuck: object = None) -> None:
-    """Close idle upstream connections and enforce client timeouts, forever."""
+async def sweep(state: ServerState, routers: list[Router]) -> None:
+    """Close idle upstream connections and enforce client and request timeouts, forever."""
     loop = asyncio.get_running_loop()
     tick = 0
     while True:
@@ -118,11 +118,8 @@ async def sweep(state: ServerState, routers: list[Router], on_stuck: object = No
         if tick % 4 == 0:
             for conn in list(state.connections):
                 conn.check_timeout(now)
-            if callable(on_stuck):
-                for r in routers:
-                    stuck = r.sweep_request_time(now)
-                    if stuck:
-                        on_stuck(r, stuck)
+            for r in routers:
+                r.sweep_request_time(now)
 
 
 def remove_socket_file(addr: ListenAddress) -> None:

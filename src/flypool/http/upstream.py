@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from flypool.http.parsing import LAST_CHUNK, build_response_head, chunk
+from flypool.pool.worker import WorkerState
 
 if TYPE_CHECKING:
     from flypool.http.client import Request
     from flypool.http.router import Router
     from flypool.pool.worker import Worker
 
+_READY = WorkerState.READY
 _REWRITE = 1  # the worker sent connection headers that are not for the client
 _CHUNKED = 2
 _LENGTH = 4
@@ -41,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "must_close",
         "parser",
+        "read_paused",
         "req",
         "reused",
         "router",
@@ -60,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.tunnel = False
+        self.read_paused = False
         # Per-response state.
         self._headers: list[tuple[bytes, bytes]] = []
         self._flags = 0
@@ -95,12 +99,14 @@ class UpstreamConnection(asyncio.Protocol):
         """Keep this connection for reuse by the next request to the worker."""
         self.req = None
         w = self.worker
-        if self.transport is None or self.transport.is_closing() or w.state.value != "ready":
+        if self.transport is None or self.transport.is_closing() or w.state is not _READY:
             self.close()
             return
         self.idle_since = self.router.loop.time()
-        # It may have been paused for a slow client of the previous request.
-        self.transport.resume_reading()
+        if self.read_paused:
+            # Paused for a slow client of the previous request.
+            self.read_paused = False
+            self.transport.resume_reading()
         w.idle_conns.append(self)
 
     def close(self) -> None:

@@ -87,6 +87,9 @@ class AppPool:
         # Restart counts of crashed workers, inherited by their replacements.
         self._crashed_slots: list[int] = []
         self.router.recycle = lambda w: self.replace_worker(w, "max_requests reached")
+        self.router.stuck = lambda w: self.replace_worker(
+            w, "max_request_time exceeded", drain=False
+        )
         self.started_at = loop.time()
 
     @property
@@ -363,6 +366,9 @@ class AppPool:
         if w.state is not WorkerState.READY or w in self._replacing or self.stopping:
             return
         self._replacing.add(w)
+        if not drain:
+            # Stuck: out of routing now, before its slots come free.
+            self.mark_retiring(w)
         self.log.warning("replacing worker", pid=w.pid, reason=reason)
         self.task(self._replace(w, drain))
 
