@@ -1,14 +1,13 @@
 """Synchronous client for the daemon's admin socket (HTTP/1.1 + JSON over a Unix socket).
 
 The CLI is short-lived and sequential, so this uses the standard library's
-`http.client` with a Unix-socket connection instead of an event loop: client
+plain blocking socket code instead of an event loop: client
 commands start fast and never import the daemon's runtime dependencies.
 """
 
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
 import socket
@@ -16,8 +15,6 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from flypool.config import load_config
 
 DEFAULT_ADMIN_SOCKET = "/run/flypool/admin.sock"
 """Where the daemon listens when neither the command line, the environment nor a config says."""
@@ -62,23 +59,33 @@ class AdminResponse:
         return f"HTTP {self.status}" + (f": {text}" if text else "")
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """An `HTTPConnection` whose transport is a Unix stream socket."""
+class _BadAnswer(Exception):
+    """The peer's bytes are not an HTTP/1.1 answer."""
 
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        # The host only ends up in the Host header; the daemon ignores it.
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = socket_path
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+def _exchange(socket_path: str, request: bytes, timeout: float) -> AdminResponse:
+    """One request, one answer, connection closed by the daemon.
+
+    The admin server always answers with Content-Length and closes, so a few
+    lines of socket code do; http.client would cost the CLI ~15 ms of imports.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    head, sep, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise _BadAnswer("not an HTTP answer" if data else "connection closed without an answer")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and len(body) < int(value):
+            raise _BadAnswer("answer cut short")
+    return AdminResponse(status=int(parts[1]), body=body)
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -115,24 +122,18 @@ class AdminClient:
         target = path
         if query:
             target += "?" + urllib.parse.urlencode({k: str(v) for k, v in query.items()})
-        conn = _UnixHTTPConnection(self.socket_path, timeout)
+        request = (
+            f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
+            f"Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ).encode()
         try:
-            # An explicit empty body makes http.client send Content-Length: 0 on POST,
-            # which strict HTTP/1.1 servers expect.
-            body = b"" if method in ("POST", "PUT") else None
-            conn.request(method, target, body=body, headers={"Accept": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
-            return AdminResponse(status=resp.status, body=data)
+            return _exchange(self.socket_path, request, timeout)
         except OSError as exc:
             raise DaemonUnreachable(self.socket_path, _describe_os_error(exc)) from exc
-        except http.client.HTTPException as exc:
-            # RemoteDisconnected, BadStatusLine, IncompleteRead: the daemon went away
-            # mid-answer (stopping, crashing) or something else owns the socket.
-            cause = str(exc) or type(exc).__name__
-            raise DaemonUnreachable(self.socket_path, f"bad answer: {cause}") from exc
-        finally:
-            conn.close()
+        except (_BadAnswer, ValueError) as exc:
+            # The daemon went away mid-answer (stopping, crashing) or something
+            # else owns the socket.
+            raise DaemonUnreachable(self.socket_path, f"bad answer: {exc}") from exc
 
     def get(self, path: str, query: Mapping[str, str | int | float] | None = None) -> AdminResponse:
         """`GET path`."""
@@ -163,5 +164,7 @@ def find_admin_socket(args_admin_socket: str | None, config_path: str | None) ->
     if from_env:
         return from_env
     if config_path:
+        from flypool.config import load_config  # only when -c is given
+
         return load_config(config_path).daemon.admin_socket
     return DEFAULT_ADMIN_SOCKET
