@@ -564,7 +564,9 @@ def test_idle_keepalive_timeout(launcher: Launcher) -> None:
         last = time.monotonic()
         assert last - started > 0.5
         assert f.read() == b""
-        assert time.monotonic() - last >= 0.4
+        # Closed about 0.5 s after the last answer (0.1 s of it slept before
+        # `last`), not at once; timer granularity gets a little slack.
+        assert time.monotonic() - last >= 0.3
 
 
 @pytest.mark.parametrize("how", ["env", "file"])

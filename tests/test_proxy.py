@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -232,6 +234,20 @@ def test_request_that_kills_its_worker_is_not_replayed() -> None:
         eventually(lambda: len(pids & set(d.ready_pids())) == 1, 10, what="one survivor")
         assert d.log().count("worker exited unexpectedly") == 1
         d.wait_ready(2)
+
+
+def test_responses_split_over_many_reads_arrive_intact() -> None:
+    """A head split across reads, and a chunked body split mid-chunk, pass unchanged."""
+    worker = [sys.executable, str(Path(__file__).parent / "apps" / "split_worker.py"), "{socket}"]
+    with running_daemon({"workers": 1, "command": worker}) as d:
+        conn = UnixHTTPConnection(d.front)
+        for target in ("/", "/chunked", "/", "/chunked"):  # keep-alive reuse too
+            conn.request("GET", target)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"hello world"), target
+            if target == "/":
+                assert resp.getheader("x-split") == "yes"
+        conn.close()
 
 
 def test_app_crashing_at_boot_backs_off_and_daemon_answers() -> None:

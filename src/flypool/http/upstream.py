@@ -34,10 +34,12 @@ class UpstreamConnection(asyncio.Protocol):
         "_data",
         "_flags",
         "_headers",
+        "_in_head",
         "_interim",
         "_out",
         "_raw_ok",
         "_reason",
+        "_verbatim",
         "complete",
         "got_bytes",
         "idle_since",
@@ -69,6 +71,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._flags = 0
         self._reason = b""
         self._interim = False
+        self._in_head = False
+        # Forwarding this response's bytes unchanged (see on_headers_complete).
+        self._verbatim = False
         self._out: list[bytes] = []
         self._data = b""
         self._raw_ok = False
@@ -143,7 +148,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self._data = data
-        self._raw_ok = True
+        # Raw bytes are usable only when no head is half-read from an earlier read.
+        self._raw_ok = not self._in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -157,7 +163,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.must_close = True
             req.conn.upstream_failed(req, self, "invalid response from worker")
             return
-        self._flush(client)
+        if self._verbatim:
+            # Nothing to change in this response: the worker's bytes go out as
+            # they came, one write, no copies.
+            if client is not None and not client.is_closing():
+                client.write(data)
+            if self.complete:
+                self._verbatim = False
+        else:
+            self._flush(client)
         if self.complete:
             self.complete = False
             req.conn.response_done(req, self)
@@ -191,6 +205,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._in_head = True
+        self._verbatim = False
         self._headers = []
         self._flags = 0
         self._reason = b""
@@ -215,6 +231,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
+        self._in_head = False
         parser = self.parser
         status = parser.get_status_code()
         self.status = status
@@ -245,7 +262,13 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             conn_value = b"close"
             raw = False
-        self._emit_head(req, raw=raw, connection=conn_value)
+        if raw and self._raw_ok and not self._out and self._data.startswith(b"HTTP/"):
+            # The whole read starts with this head and nothing in the response
+            # needs changing: forward the worker's bytes verbatim.
+            self._verbatim = True
+            self._raw_ok = False
+        else:
+            self._emit_head(req, raw=raw, connection=conn_value)
         req.response_started = True
 
     def _emit_head(self, req: Request, *, raw: bool, connection: bytes) -> None:
@@ -265,6 +288,8 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def on_body(self, body: bytes) -> None:
+        if self._verbatim:
+            return
         if self._flags & _CHUNKED:
             self._out.append(chunk(body))
         else:
@@ -275,7 +300,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = False
             self._raw_ok = False
             return
-        if self._flags & _CHUNKED:
+        if self._flags & _CHUNKED and not self._verbatim:
             self._out.append(LAST_CHUNK)
         self.complete = True
 
