@@ -88,7 +88,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ),
     (
         "scale",
-        "Suite 4: scale — 10,000 idle connections, a 64-worker pool",
+        "Suite 4: scale — idle keep-alive connections, a big pool",
         "",
     ),
     (
@@ -728,7 +728,7 @@ def overhead_targets(results: dict[str, Json]) -> list[Target]:
                     "< 20 ms",
                     None,
                     "—",
-                    "restart_under_load",
+                    "restart_under_load" + ("" if workers == 4 else f"_w{workers}"),
                 )
             )
             continue
@@ -958,6 +958,10 @@ def steps_section(run: RunLog | None, results: dict[str, Json]) -> list[str]:
     return lines
 
 
+FAILURE_LINE = re.compile(r"FAIL|❌|\*\*NO\*\*|Traceback|Error|error:|exited|goal")
+"""Lines of a failed step's log worth quoting."""
+
+
 def failures_section(run: RunLog | None, problems: list[str], out_dir: Path) -> list[str]:
     """Steps that exited non-zero (with the end of their log) and unreadable inputs."""
     failed = [s for s in (run.steps if run else []) if s.exit_status != 0]
@@ -968,10 +972,9 @@ def failures_section(run: RunLog | None, problems: list[str], out_dir: Path) -> 
         lines += [f"- **{s.name}** exited {s.exit_status} after {s.elapsed_s:.0f} s: `{s.command}`"]
         log = out_dir / f"{s.name}.log"
         with contextlib.suppress(OSError):
-            tail = [
-                line
-                for line in log.read_text(errors="replace").splitlines()
-                if line.strip() and not line.startswith("|")
+            text = log.read_text(errors="replace").splitlines()
+            tail = [line for line in text if FAILURE_LINE.search(line)][-6:] or [
+                line for line in text if line.strip() and not line.startswith("|")
             ][-6:]
             if tail:
                 lines += ["", "  ```", *(f"  {line[:200]}" for line in tail), "  ```", ""]
@@ -1003,8 +1006,9 @@ def checks_table(data: Json) -> list[str]:
     ]
 
 
-def benchmark_body(stem: str, data: Json, run: RunLog | None) -> list[str]:
-    """One JSON's part of its section: provenance, tables, checks."""
+def benchmark_body(stem: str, data: Json, run: RunLog | None, level: int) -> list[str]:
+    """One JSON's part of its section: provenance, tables, checks; its own Markdown's
+    headings start at ``level``."""
     lines: list[str] = []
     when = data.get("finished_at", "—")
     load0 = _get(data, "machine", "loadavg_at_start")
@@ -1018,14 +1022,14 @@ def benchmark_body(stem: str, data: Json, run: RunLog | None) -> list[str]:
     if is_stale(data, run):
         lines.append(
             "\n**⚠ Stale: from an earlier run** (it finished before this `benchmarks/run` "
-            "started; its step failed before writing a new one, or it was not run)."
+            "started: the run does not include it, or its step failed before writing it)."
         )
     if data.get("command"):
         lines += ["", f"Command: `{data['command']}`"]
     lines.append("")
     markdown = data.get("markdown")
     if isinstance(markdown, str) and markdown.strip():
-        lines.append(shift_headings(markdown, 4))
+        lines.append(shift_headings(markdown, level))
     elif "summary" in data:
         lines.append(summary_table(data["summary"]))
     else:
@@ -1037,7 +1041,7 @@ def benchmark_body(stem: str, data: Json, run: RunLog | None) -> list[str]:
             "",
             "<details><summary>Profile of the flypool daemon</summary>",
             "",
-            shift_headings(profile, 5),
+            shift_headings(profile, level + 1),
             "",
             "</details>",
         ]
@@ -1059,10 +1063,10 @@ def suites_section(results: dict[str, Json], run: RunLog | None) -> list[str]:
             if len(stems) > 1:
                 workers = _get(results[stem], "settings", "workers")
                 lines += ["", f"### `{stem}`" + (f" ({workers} workers)" if workers else ""), ""]
-            lines += benchmark_body(stem, results[stem], run)
+            lines += benchmark_body(stem, results[stem], run, 4 if len(stems) > 1 else 3)
             done.add(stem)
     for stem in sorted(set(results) - done):
-        lines += ["", f"## Other: `{stem}`", "", *benchmark_body(stem, results[stem], run)]
+        lines += ["", f"## Other: `{stem}`", "", *benchmark_body(stem, results[stem], run, 3)]
     return lines
 
 
