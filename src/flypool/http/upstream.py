@@ -190,7 +190,11 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 w.idle_conns.remove(self)
             except ValueError:
-                pass
+                return  # closed by us (retired, swept)
+            # The worker closed a pooled connection: idle timeout, or it died.
+            # Route around it until a liveness check says which, so requests
+            # don't go to a process that is already gone.
+            self.router.suspect(w)
             return
         self.req = None
         if self.tunnel:
