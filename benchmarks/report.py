@@ -1086,11 +1086,9 @@ def read_notes(path: Path) -> str:
     """The hand-written part of an existing report: everything after the notes marker."""
     with contextlib.suppress(OSError):
         text = path.read_text()
-        index = text.find(NOTES_MARKER + "\n")
-        if index >= 0:
-            return text[index + len(NOTES_MARKER) + 1 :]
-        if text.endswith(NOTES_MARKER):
-            return ""
+        match = re.search(rf"^{re.escape(NOTES_MARKER)}[ \t]*(\n|\Z)", text, re.MULTILINE)
+        if match:
+            return text[match.end() :]
     return DEFAULT_NOTES
 
 
