@@ -77,11 +77,6 @@ SECTIONS: list[tuple[str, str, str]] = [
         "interleaved rounds, medians.",
     ),
     (
-        "router_tax",
-        "Router tax against the bare worker (router_tax.py)",
-        "flypool against the same worker reached directly.",
-    ),
-    (
         "deploy_compare",
         "Suites 2 and 3: deploys under load, good and broken releases",
         "flypool's rolling restart against Passenger, gunicorn HUP and uvicorn HUP.",

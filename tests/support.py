@@ -407,3 +407,26 @@ def http_get(port: int, target: str = "/", timeout: float = 10.0) -> tuple[int, 
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+class PeakChildren:
+    """Samples a process's child count every 5 ms in a thread; ``peak`` is the maximum."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, len(self.proc.children()))
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakChildren:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -19,6 +19,7 @@ from tests.support import (
     RELEASE_WORKER,
     Daemon,
     LoadGen,
+    PeakChildren,
     eventually,
     get,
     make_release,
@@ -61,19 +62,10 @@ def test_rolling_restart_under_load_loses_nothing() -> None:
     _a, b = _capistrano(base)
     with running_daemon(_app(base), directory=base) as d:
         old = set(d.ready_pids())
-        daemon = psutil.Process(d.proc.pid)
-        peak = 0
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, len(daemon.children()))
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        with LoadGen(d.front, clients=8, target="/?delay=0.02") as load:
+        with (
+            PeakChildren(d.proc.pid) as sampler,
+            LoadGen(d.front, clients=8, target="/?delay=0.02") as load,
+        ):
             eventually(lambda: load.total > 50, 10, what="load running")
             point_current(base, b)
             code, body = d.admin_call("POST", "/apps/app/restart?mode=rolling")
@@ -83,8 +75,7 @@ def test_rolling_restart_under_load_loses_nothing() -> None:
             )
             after = load.total
             eventually(lambda: load.total > after + 50, 10, what="load after restart")
-        stop.set()
-        sampler.join()
+        peak = sampler.peak
         assert last["outcome"] == "completed"
         assert load.failures() == {}, load.statuses
         workers = d.app()["workers"]
@@ -306,27 +297,14 @@ def test_restart_requests_coalesce() -> None:
     a, b = _capistrano(base)
     app = _app(base, workers=3, env={"EXAMPLE_BOOT_DELAY": "0.3"})
     with running_daemon(app, directory=base) as d:
-        daemon = psutil.Process(d.proc.pid)
-        peak = 0
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, len(daemon.children()))
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         ids = []
-        with LoadGen(d.front, clients=4) as load:
+        with PeakChildren(d.proc.pid) as sampler, LoadGen(d.front, clients=4) as load:
             for release in (b, a, b):
                 point_current(base, release)
                 ids.append(d.admin_call("POST", "/apps/app/restart")[1]["restart_id"])
                 time.sleep(0.1)  # spread the requests over the first rollout step
             last = eventually(lambda: _restart_done(d, ids[-1]), 30, what="restart end")
-        stop.set()
-        sampler.join()
+        peak = sampler.peak
         assert last["outcome"] == "completed"
         assert load.failures() == {}, load.statuses
         workers = d.app()["workers"]
