@@ -497,10 +497,17 @@ class ClientConnection(asyncio.Protocol):
         buf = req.buf
         if not buf:
             return
+        transport = up.transport
+        if transport.is_closing():
+            # The worker's end closed before we could write: it never saw this.
+            up.unread = True
         if len(buf) == 1:
-            up.transport.write(buf[0])
+            transport.write(buf[0])
         else:
-            up.transport.writelines(buf)
+            transport.writelines(buf)
+        if transport.is_closing() and not up.got_bytes:
+            # The write failed at once (EPIPE): the worker is gone and never read it.
+            up.unread = True
         replay = req.replay
         if replay is not None:
             replay.extend(buf)

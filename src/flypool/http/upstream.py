@@ -97,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.complete = False
         self.must_close = False
+        self.unread = False
         req.upstream = self
         req.conn.upstream_attached(req)
 
@@ -182,8 +183,10 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         # EPIPE/ECONNRESET: the worker never read what we sent (it was gone,
-        # or died with our bytes unread). A clean EOF means it may have.
-        self.unread = exc is not None
+        # or died with our bytes unread). A clean EOF means it may have --
+        # unless our write already found the connection closing (see
+        # ClientConnection._write_pending).
+        self.unread = self.unread or exc is not None
         req = self.req
         if req is None:
             w = self.worker
