@@ -10,7 +10,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import uvloop
 
@@ -19,14 +19,13 @@ from flypool import logging as flog
 from flypool.admin.routes import AdminRoutes
 from flypool.admin.server import admin_gid, start_admin
 from flypool.config import AppConfig, Config, ConfigError
-from flypool.http.client import ClientConnection, Request, ServerState
+from flypool.http.request import Request, ServerState
 from flypool.http.router import Router
 from flypool.http.server import ListenError, bind, remove_socket_file, serve, sweep
-from flypool.pool import spawner
 from flypool.pool.app import AppPool
 from flypool.pool.rollout import request_restart
 from flypool.pool.sampler import Sample, run_sampler
-from flypool.pool.worker import Worker, WorkerState
+from flypool.pool.worker import Worker
 from flypool.restart_file import watch_restart_file
 
 SAMPLE_INTERVAL = 2.0
@@ -167,7 +166,7 @@ class Daemon:
             loop.create_task(run_sampler(SAMPLE_INTERVAL, self._all_workers, self._sampled))
         )
         if handed is not None:
-            await self._adopt(handed, loop)
+            await handover.adopt(self, handed, loop)
         for pool in self.pools.values():
             if d.access_log:
                 pool.router.access_log = make_access_logger(pool.name, loop)
@@ -289,157 +288,7 @@ class Daemon:
 
     async def handover(self) -> None:
         """USR2: re-exec this process, passing sockets, workers and idle clients on."""
-        if self.handing_over or self.stop_event.is_set():
-            return
-        loop = asyncio.get_running_loop()
-        log = self.log
-        # A restart or spawn in progress holds state that can't cross execv: wait.
-        deadline = loop.time() + 60.0
-        while any(p.rollout is not None or p._spawning for p in self.pools.values()):
-            if loop.time() > deadline:
-                log.error("hand-over abandoned: a restart is still running")
-                return
-            await asyncio.sleep(0.05)
-        self.handing_over = True
-        log.info("hand-over begins", pid=os.getpid())
-        self.notifier.reloading()
-        listeners = {}
-        for server, key in zip(self.servers, self.server_keys, strict=True):
-            for sock in cast(asyncio.Server, server).sockets:
-                listeners[key] = {"fd": handover.keep_socket(sock), "owned": key in self.owned}
-            server.close()
-        for key, sock in self.inherited.items():
-            listeners[key] = {"fd": handover.keep_socket(sock), "owned": False}
-        assert self.admin is not None
-        admin_fd = handover.keep_socket(cast(asyncio.Server, self.admin).sockets[0])
-        self.admin.close()
-        # Freeze connections as they fall idle; the busy ones get drain_timeout.
-        state = self.state
-        state.handing_over = True
-        for conn in list(state.connections):
-            if conn.is_idle():
-                conn.freeze()
-        limit = max((p.cfg.drain_timeout for p in self.pools.values()), default=0.0)
-        deadline = loop.time() + limit
-        # Tunnels can't be passed on (their state is in two sockets and a worker):
-        # they are closed by the switch, so there is no point waiting for them.
-        while loop.time() < deadline and any(
-            not c.frozen and not c.tunnel for c in state.connections
-        ):
-            await asyncio.sleep(0.005)
-        clients = []
-        for conn in list(state.connections):
-            transport = conn.transport
-            if conn.frozen and transport is not None:
-                sock = transport.get_extra_info("socket")
-                clients.append({"app": conn.router.app, "fd": handover.keep_socket(sock)})
-        workers = []
-        now = loop.time()
-        for pool in self.pools.values():
-            for w in pool.workers:
-                if w.state.value != "ready" or w.output_fds[0] < 0:
-                    continue
-                workers.append(
-                    {
-                        "app": pool.name,
-                        "pid": w.pid,
-                        "number": w.number,
-                        "generation": w.generation,
-                        "release": w.release,
-                        "address": w.address,
-                        "uptime_s": now - w.started_at,
-                        "processed": w.processed,
-                        "restarts": w.restarts,
-                        "out_fd": handover.keep_fd(w.output_fds[0]),
-                        "err_fd": handover.keep_fd(w.output_fds[1]),
-                    }
-                )
-        pools = {
-            p.name: {
-                "generation": p.generation,
-                "next_number": p._next_number,
-                "restart_seq": p.restart_seq,
-                "last_restart": p.last_restart,
-                "deployment_error": p.deployment_error,
-                "drained": p.router.drained,
-                "restarts_total": p.restarts_total,
-            }
-            for p in self.pools.values()
-        }
-        path = handover.write_state(
-            self.runtime_dir,
-            {
-                "runtime_dir": self.runtime_dir,
-                "listeners": listeners,
-                "admin_fd": admin_fd,
-                "workers": workers,
-                "clients": clients,
-                "pools": pools,
-                "uptime_s": now - self.started_at,
-            },
-        )
-        log.info("hand-over: executing the new image", workers=len(workers), clients=len(clients))
-        if self.notifier.env_value:
-            # The next image owes systemd the READY=1 that ends this reload.
-            os.environ["NOTIFY_SOCKET"] = self.notifier.env_value
-        handover.exec_self(path)
-
-    async def _adopt(self, handed: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
-        """Take over what the previous image passed on (see flypool.handover)."""
-        self.started_at = loop.time() - handed.get("uptime_s", 0.0)
-        for name, info in handed["pools"].items():
-            pool = self.pools.get(name)
-            if pool is None:
-                continue
-            pool.generation = info["generation"]
-            pool._next_number = info["next_number"]
-            pool.restart_seq = info["restart_seq"]
-            pool.last_restart = info["last_restart"]
-            pool.deployment_error = info["deployment_error"]
-            pool.restarts_total = info["restarts_total"]
-            pool.router.drained = info.get("drained", False)
-        now = loop.time()
-        for ws in handed["workers"]:
-            for fd in (ws["out_fd"], ws["err_fd"]):
-                os.set_inheritable(fd, False)
-            pool = self.pools.get(ws["app"])
-            if pool is None:
-                # The app left the configuration: its workers go.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(ws["pid"], signal.SIGTERM)
-                continue
-            w = Worker(
-                ws["number"], ws["generation"], ws["release"], ws["address"], now - ws["uptime_s"]
-            )
-            w.pid = ws["pid"]
-            w.processed = ws["processed"]
-            w.restarts = ws["restarts"]
-            w.last_used = now
-            w.state = WorkerState.READY
-            try:
-                w.proc = spawner.AdoptedProcess(w.pid)
-            except ProcessLookupError:
-                continue  # exited during the switch; the pool refills its slot
-            pool.workers.append(w)
-            await spawner.follow_output(w, ws["out_fd"], ws["err_fd"], pool.name, pool.log)
-            pool.task(pool.watch(w, w.proc))
-        for c in handed["clients"]:
-            pool = self.pools.get(c["app"])
-            sock = handover.adopt_socket(c["fd"])
-            if pool is None:
-                sock.close()
-                continue
-            router = pool.router
-            await loop.connect_accepted_socket(
-                lambda r=router: ClientConnection(r, self.state, loop),  # type: ignore[misc]
-                sock=sock,
-            )
-        self.log.info(
-            "hand-over complete",
-            pid=os.getpid(),
-            workers=len(handed["workers"]),
-            clients=len(handed["clients"]),
-        )
+        await handover.hand_over(self)
 
     def scale_all(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or fewer for every app."""

@@ -13,11 +13,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from flypool.http.request import worker_gone
 from flypool.pool.balancer import pick
 from flypool.pool.worker import Worker
 
 if TYPE_CHECKING:
-    from flypool.http.client import Request
+    from flypool.http.request import Request
 
 
 # A worker whose connection broke is re-checked this much later (its exit
@@ -264,8 +265,6 @@ class Router:
         self.loop.call_later(SUSPECT_CHECK_DELAY, self._check_suspect, w)
 
     def _check_suspect(self, w: Worker) -> None:
-        from flypool.http.client import worker_gone
-
         if not worker_gone(w):
             w.suspect = False
             self.serve_queue()

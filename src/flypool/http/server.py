@@ -11,7 +11,8 @@ import socket
 import stat
 
 from flypool.config import ListenAddress
-from flypool.http.client import ClientConnection, ServerState
+from flypool.http.client import ClientConnection
+from flypool.http.request import ServerState
 from flypool.http.router import Router
 
 MIN_BACKLOG = 2048

@@ -17,7 +17,7 @@ from flypool.http.parsing import LAST_CHUNK, build_response_head, chunk
 from flypool.pool.worker import WorkerState
 
 if TYPE_CHECKING:
-    from flypool.http.client import Request
+    from flypool.http.request import Request
     from flypool.http.router import Router
     from flypool.pool.worker import Worker
 
