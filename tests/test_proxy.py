@@ -250,6 +250,29 @@ def test_responses_split_over_many_reads_arrive_intact() -> None:
         conn.close()
 
 
+def test_worker_closing_idle_connections_loses_nothing() -> None:
+    """Workers that close idle keep-alive connections quickly (PITFALLS: gunicorn #712).
+
+    With a 50 ms worker keep-alive and requests about 50 ms apart, pooled
+    connections keep being closed by the worker: a closed one must never be
+    reused, and every request still gets its 200. (The exact close-as-reused
+    race is microseconds wide; its resend path is exercised by the SIGKILL and
+    soak tests instead.)
+    """
+    app = {"workers": 2, "worker_concurrency": 0, "env": {"EXAMPLE_KEEPALIVE_TIMEOUT": "0.05"}}
+    with running_daemon(app) as d:
+        conn = UnixHTTPConnection(d.front)
+        statuses = []
+        for i in range(80):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+            time.sleep(0.045 + (i % 5) * 0.003)  # hover around the worker's timeout
+        conn.close()
+        assert statuses == [200] * 80
+
+
 def test_app_crashing_at_boot_backs_off_and_daemon_answers() -> None:
     app = {"workers": 2, "env": {"EXAMPLE_FAIL_AT_BOOT": "1"}, "queue_timeout": "1s"}
     with running_daemon(app, wait_workers=0) as d:

@@ -271,6 +271,27 @@ def test_worker_ignoring_sigterm_is_killed_and_restart_completes() -> None:
         eventually(lambda: not any(psutil.pid_exists(p) for p in old), 5, what="old pids gone")
 
 
+def test_open_tunnel_cannot_hold_a_drain_forever() -> None:
+    """A WebSocket on the old worker is closed at drain_timeout (PITFALLS: uvicorn #2943)."""
+    import socket
+
+    with running_daemon({"workers": 1, "drain_timeout": "1s"}) as d:
+        old = d.ready_pids()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(d.front)
+            s.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+            )
+            assert s.recv(4096).startswith(b"HTTP/1.1 101")
+            t0 = time.monotonic()
+            res = d.cli("restart", "--wait", "--timeout", "30")
+            assert res.returncode == 0, res.stderr
+            assert time.monotonic() - t0 < 10  # bounded by drain_timeout, not by the tunnel
+            assert s.recv(4096) == b""  # the tunnel was closed by the drain
+        assert not set(old) & set(d.ready_pids())
+
+
 def test_sighup_with_broken_config_keeps_the_old_one() -> None:
     with running_daemon({"workers": 2}) as d:
         old = set(d.ready_pids())
