@@ -290,10 +290,11 @@ def running_daemon(
             except AssertionError as exc:
                 leaked = exc
         try:
-            assert leaked is None, leaked
+            # Stop first: a failed check below must not leave the daemon running.
             code = dm.stop()
             # Every test also checks that a graceful stop leaves no worker behind.
             dm.assert_no_workers_left()
+            assert leaked is None, leaked
             assert code == 0, f"daemon exit status {code}:\n{dm.log()[-3000:]}"
         finally:
             for pid in dm.seen_pids:
