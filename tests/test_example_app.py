@@ -20,12 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+
+from tests.support import UnixHTTPConnection, eventually
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DEADLINE = 10.0
@@ -42,34 +44,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
-
-
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll `pred` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """`http.client` over a Unix socket."""
-
-    def __init__(self, path: str, timeout: float = DEADLINE) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        """Connect to the Unix socket instead of host:port."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 @dataclass
@@ -123,7 +97,7 @@ class Proc:
                 return False
             return True
 
-        wait_until(accepts, f"{self.socket_path} to accept connections")
+        eventually(accepts, DEADLINE, what=f"{self.socket_path} to accept connections")
 
 
 class Launcher:
@@ -462,7 +436,9 @@ def test_port_mode_prints_its_address(launcher: Launcher) -> None:
     """`--port 0` listens on 127.0.0.1 and says where in its first stdout line."""
     proc = launcher.start(["--port", "0"], env=child_env(FLYPOOL_WORKER="9"))
     pattern = re.compile(r"example: listening on 127\.0\.0\.1:(\d+) pid=(\d+) worker=9 release=")
-    wait_until(lambda: pattern.match(proc.output()[0]) is not None, "the listening line")
+    eventually(
+        lambda: pattern.match(proc.output()[0]) is not None, DEADLINE, what="the listening line"
+    )
     match = pattern.match(proc.output()[0])
     assert match is not None and int(match[2]) == proc.pid
     conn = http.client.HTTPConnection("127.0.0.1", int(match[1]), timeout=DEADLINE)
@@ -542,7 +518,9 @@ def test_sigterm_waits_for_a_tunnel_until_the_graceful_timeout(launcher: Launche
         assert read_response(f).status == 101
         started = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
-        wait_until(lambda: "stopping" in proc.output()[1], "the worker to see SIGTERM")
+        eventually(
+            lambda: "stopping" in proc.output()[1], DEADLINE, what="the worker to see SIGTERM"
+        )
         sock.sendall(b"still here")
         assert f.read(10) == b"still here"
         assert f.read() == b""

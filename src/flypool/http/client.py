@@ -167,9 +167,12 @@ class ClientConnection(asyncio.Protocol):
         self._raw_ok = not self._in_head and self.parsing is None
         self._feeding = True
         try:
-            self.parser.feed_data(data)
+            try:
+                self.parser.feed_data(data)
+            finally:
+                # Writes to the worker are batched while parsing, flushed after.
+                self._feeding = False
         except httptools.HttpParserUpgrade as exc:
-            self._feeding = False
             # httptools completes the message before raising, so the request
             # is the last one made, not self.parsing.
             req = self._last
@@ -183,7 +186,6 @@ class ClientConnection(asyncio.Protocol):
             self._flush_active()
             return
         except httptools.HttpParserCallbackError as exc:
-            self._feeding = False
             cause = exc.__context__
             status = (
                 431
@@ -193,10 +195,8 @@ class ClientConnection(asyncio.Protocol):
             self._protocol_error(status)
             return
         except httptools.HttpParserError:
-            self._feeding = False
             self._protocol_error(400)
             return
-        self._feeding = False
         if self._in_head:
             # A head split over several reads: bound what we accept of it.
             self._head_pending += len(data)
