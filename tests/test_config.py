@@ -41,6 +41,16 @@ header_timeout = "30s"                      # a client must send its request hea
 keepalive_timeout = "75s"                   # idle keep-alive client connections are closed after this
 body_timeout = "60s"                        # no request-body bytes for this long → 408 and close
 max_header_size = "64KB"                    # request line + headers; larger → 431
+send_timeout = "60s"                        # a client that accepts no response bytes for this long is
+                                            # closed and its worker slot freed (nginx send_timeout)
+underscores_in_headers = "drop"             # drop | pass | refuse (400): header names with "_"
+                                            # (WSGI/CGI servers fold them into the dashed name)
+log_file = ""                               # optional; reopened on USR1
+access_log = ""                             # optional
+runtime_dir = ""                            # where worker sockets live
+admin_group = ""                            # members may use the admin socket
+max_pool_size = 256                         # most workers of all apps together; scale, TTIN or
+                                            # max_workers beyond it are refused (400 / logged)
 
 [[app]]
 name = "blog"
@@ -48,7 +58,13 @@ root = "/srv/blog/current"                  # may be a symlink; re-resolved at e
 command = ["gunicorn", "--bind", "unix:{socket}", "--workers", "1", "app:app"]
 listen = ["unix:/run/flypool/blog.sock"]    # or "127.0.0.1:8080"
 listen_mode = "0660"
-workers = 4                                 # processes kept alive
+listen_group = ""                           # e.g. "www-data", so nginx reaches a 0660 socket
+proxy_protocol = false                      # TCP listeners expect a PROXY v1/v2 header (HAProxy send-proxy)
+workers = 4                                 # processes kept alive (the floor when max_workers is set)
+max_workers = 0                             # > workers: grow on queueing, shrink back when idle (§10); 0 = fixed
+worker_idle_time = "5m"                     # an extra worker idle this long is drained and stopped
+preload = []                                # Python modules a per-release preloader imports once;
+                                            # workers are then forked from it (§11); [] = cold spawn
 worker_concurrency = 1                      # in-flight requests per worker; 0 = unlimited
 max_queue = 100                             # requests waiting for a free worker; overflow → 503
 queue_timeout = "30s"                       # waiting longer → 504
@@ -59,16 +75,26 @@ drain_timeout = "30s"
 stop_signal = "SIGTERM"
 stop_timeout = "10s"
 rolling_restarts = true
-restart_batch = 1                           # extra workers during a rolling restart
+restart_batch = 1                           # extra workers during a rolling restart; "auto" = by memory (§7)
+memory_reserve = "256MB"                    # headroom "auto" leaves untouched
+canary = 0                                  # new workers that must prove the release first (§7); 0 = none
+canary_requests = 200                       # requests the canary must serve before promotion
+canary_timeout = "10m"                      # no decision by then → roll back
+canary_max_error_rate = "1%"                # above this AND above the old generation's (§7) → roll back
+canary_max_latency_ratio = 2.0              # canary p99 / old p99 above this → roll back; 0 = ignore latency
+retry_idempotent = true                     # §6
 resist_deployment_errors = true
 restart_file = "tmp/restart.txt"            # under root, resolved at every check; appears or mtime changes → restart
 restart_check_interval = "1s"
 max_requests = 0                            # recycle a worker after N requests; 0 = never
-max_request_time = "0s"                     # longer → 504 and the worker is replaced; 0 = never
+max_request_time = "0s"                     # from the moment a worker took the request (queue wait and
+                                            # upload excluded); longer → 504 and the worker is replaced; 0 = never
 memory_limit = "0"                          # RSS over this → graceful replace; 0 = none
 health_path = ""                            # e.g. "/_flypool/health": answered by the daemon on
                                             # the front listener, 200 serving / 503 drained or no worker
-user = ""                                   # when the daemon runs as root: run workers as this user
+user = ""                                   # when the daemon runs as root: run workers as this user;
+                                            # as root with no user the app refuses to start (exit 2)
+                                            # unless user = "root" is written
 group = ""
 env = { APP_ENV = "production" }
 """  # noqa: E501 (kept verbatim from the SPEC, comments included)
@@ -136,6 +162,9 @@ def test_spec_example_loads_with_documented_values(tmp_path: Path) -> None:
         keepalive_timeout=75.0,
         body_timeout=60.0,
         max_header_size=64 * 1024,
+        send_timeout=60.0,
+        underscores_in_headers="drop",
+        max_pool_size=256,
     )
     (app,) = config.apps
     assert app.name == "blog"
@@ -155,6 +184,11 @@ def test_spec_example_loads_with_documented_values(tmp_path: Path) -> None:
     assert (app.max_requests, app.max_request_time, app.memory_limit) == (0, 0.0, 0)
     assert (app.ready_path, app.health_path, app.user, app.group) == ("", "", "", "")
     assert dict(app.env) == {"APP_ENV": "production"}
+    assert (app.proxy_protocol, app.max_workers, app.worker_idle_time) == (False, 0, 300.0)
+    assert (app.preload, app.memory_reserve) == ((), 256 * 1024 * 1024)
+    assert (app.canary, app.canary_requests, app.canary_timeout) == (0, 200, 600.0)
+    assert (app.canary_max_error_rate, app.canary_max_latency_ratio) == (0.01, 2.0)
+    assert app.retry_idempotent is True
 
 
 def test_spec_example_equals_the_defaults(tmp_path: Path) -> None:
@@ -513,12 +547,12 @@ def test_flag_mode_builds_one_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     config = _run(
         "--listen", "unix:./a.sock", "--workers", "2", "--queue-timeout", "5s",
         "--stop-signal", "INT", "--no-rolling-restarts", "--env", "A=1", "--env", "B=x=y",
-        "--memory-limit", "1GB", "--access-log",
+        "--memory-limit", "1GB", "--access-log", "-",
         "--", "python", "-m", "flypool.example", "--socket", "{socket}",
     )  # fmt: skip
     assert config.path is None
     assert config.daemon.admin_socket == "/run/flypool/admin.sock"
-    assert config.daemon.access_log is True
+    assert config.daemon.access_log == "-"
     (app,) = config.apps
     assert app.name == "app"
     assert app.root == str(tmp_path)
@@ -642,3 +676,82 @@ def test_help_lists_every_key_flag() -> None:
     text = _parser().format_help()
     for key in {*config_module._APP_CHECKS, *config_module._DAEMON_CHECKS} - {"command"}:
         assert "--" + key.replace("_", "-") in text
+
+
+# --- keys added with SPEC §3's second round ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "value"),
+    [
+        ("restart_batch", "auto", "auto"),
+        ("restart_batch", 3, 3),
+        ("canary_max_error_rate", "0.5%", 0.005),
+        ("canary_max_error_rate", 0.02, 0.02),
+        ("canary_max_latency_ratio", 0, 0.0),
+        ("canary_max_latency_ratio", 3, 3.0),
+        ("preload", ["myapp.wsgi", "numpy"], ("myapp.wsgi", "numpy")),
+        ("max_workers", 8, 8),
+        ("worker_idle_time", "30s", 30.0),
+        ("memory_reserve", "1GB", 1024**3),
+        ("proxy_protocol", True, True),
+    ],
+)
+def test_new_app_keys_parse(key: str, raw: Any, value: Any) -> None:
+    """Each new app key takes the documented spellings."""
+    config = config_from_dict({"app": [_app(**{key: raw})]}, "flypool.toml")
+    assert getattr(config.apps[0], key) == value
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "fragment"),
+    [
+        ("restart_batch", "big", 'an integer >= 1 or "auto"'),
+        ("restart_batch", 0, 'an integer >= 1 or "auto"'),
+        ("canary_max_error_rate", "1", 'a percentage like "1%"'),
+        ("canary_max_error_rate", "150%", 'a percentage like "1%"'),
+        ("canary_max_latency_ratio", 0.5, "a number >= 0 like 2.0"),
+        ("preload", "myapp", "a list of Python module names"),
+        ("preload", ["my-app"], "a list of Python module names"),
+        ("max_workers", 2, "at least workers (4)"),
+        ("canary", -1, "an integer >= 0"),
+    ],
+)
+def test_new_app_key_errors(key: str, raw: Any, fragment: str) -> None:
+    """Bad values of the new keys name the key and what was expected."""
+    message = _dict_error({"app": [_app(**{key: raw})]})
+    assert f'key "{key}"' in message
+    assert fragment in message
+
+
+def test_daemon_keys_of_the_second_round() -> None:
+    """send_timeout, underscores_in_headers and max_pool_size are checked."""
+    config = config_from_dict(
+        {
+            "daemon": {"send_timeout": "5s", "underscores_in_headers": "refuse"},
+            "app": [_app()],
+        },
+        "flypool.toml",
+    )
+    assert (config.daemon.send_timeout, config.daemon.underscores_in_headers) == (5.0, "refuse")
+    message = _dict_error({"daemon": {"underscores_in_headers": "yes"}, "app": [_app()]})
+    assert 'key "underscores_in_headers"' in message
+    message = _dict_error({"daemon": {"max_pool_size": 3}, "app": [_app()]})
+    assert 'key "max_pool_size"' in message
+    assert "(4, counting max_workers)" in message
+
+
+def test_new_keys_have_flags() -> None:
+    """Every new key is also a `flypool run` flag."""
+    config = _run(
+        "--listen", "unix:/tmp/x.sock", "--restart-batch", "auto", "--preload", "a.b",
+        "--preload", "c", "--canary-max-error-rate", "2%", "--max-workers", "6",
+        "--no-retry-idempotent", "--", "app", "{socket}",
+    )  # fmt: skip
+    app = config.apps[0]
+    assert (app.restart_batch, app.preload, app.canary_max_error_rate) == (
+        "auto",
+        ("a.b", "c"),
+        0.02,
+    )
+    assert (app.max_workers, app.retry_idempotent) == (6, False)

@@ -42,7 +42,7 @@ def test_access_log_has_one_event_per_request() -> None:
     log = d_dir / "flypool.log"
     app = {"workers": 1, "worker_concurrency": 1}
     with running_daemon(
-        app, daemon={"log_file": str(log), "access_log": True}, directory=d_dir
+        app, daemon={"log_file": str(log), "access_log": "-"}, directory=d_dir
     ) as d:
         pid = d.ready_pids()[0]
         assert get(d.front, "/hello?x=1")[0] == 200
@@ -59,6 +59,25 @@ def test_access_log_has_one_event_per_request() -> None:
         assert first["status"] == 200 and first["worker_pid"] == pid
         assert isinstance(first["duration_ms"], float) and first["queue_ms"] == 0.0
         assert recs[1]["status"] == 404
+
+
+def test_access_log_file_is_separate_and_reopened_on_usr1() -> None:
+    """access_log = PATH writes JSON lines there, not into the daemon's log; USR1 reopens it."""
+    d_dir = Path(short_dir())
+    access = d_dir / "access.log"
+    log = d_dir / "flypool.log"
+    daemon = {"log_file": str(log), "access_log": str(access)}
+    with running_daemon({"workers": 1}, daemon=daemon, directory=d_dir) as d:
+        assert get(d.front, "/first")[0] == 200
+        eventually(lambda: access.exists() and "/first" in access.read_text(), 10, what="line")
+        os.rename(access, d_dir / "access.log.1")
+        d.signal(signal.SIGUSR1)
+        eventually(access.exists, 10, what="access log reopened")
+        assert get(d.front, "/second")[0] == 200
+        eventually(lambda: "/second" in access.read_text(), 10, what="line in the new file")
+        record = json.loads(access.read_text().splitlines()[0])
+        assert (record["event"], record["path"], record["status"]) == ("request", "/second", 200)
+        assert '"request"' not in log.read_text()
 
 
 def test_metrics_parse_with_prometheus_client() -> None:

@@ -137,13 +137,16 @@ class DaemonConfig:
     log_format: str = "auto"
     log_level: str = "info"
     log_file: str = ""  # log to this file instead of stderr
-    access_log: bool = False  # one log event per request
+    access_log: str = ""  # "" = off, "-" = into the daemon's log, else a file (reopened on USR1)
     runtime_dir: str = ""  # worker sockets; "" = $RUNTIME_DIRECTORY or /tmp
     admin_group: str = ""  # members may use the admin socket besides root and the daemon's user
     header_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
     max_header_size: int = 65536
+    send_timeout: float = 60.0  # a client that accepts no response bytes this long is closed
+    underscores_in_headers: Literal["drop", "pass", "refuse"] = "drop"
+    max_pool_size: int = 256  # most workers of all apps together
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,11 @@ class AppConfig:
     listen: tuple[ListenAddress, ...]
     listen_mode: int = 0o660
     listen_group: str = ""  # group of Unix listen sockets (e.g. nginx's www-data)
+    proxy_protocol: bool = False  # TCP listeners require a PROXY v1/v2 header
     workers: int = 4
+    max_workers: int = 0  # > workers: elastic pool (SPEC §10); 0 = fixed
+    worker_idle_time: float = 300.0
+    preload: tuple[str, ...] = ()  # modules a per-release preloader imports (SPEC §11)
     worker_concurrency: int = 1
     max_queue: int = 100
     queue_timeout: float = 30.0
@@ -167,7 +174,14 @@ class AppConfig:
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 10.0
     rolling_restarts: bool = True
-    restart_batch: int = 1
+    restart_batch: int | Literal["auto"] = 1
+    memory_reserve: int = 256 * 1024 * 1024
+    canary: int = 0
+    canary_requests: int = 200
+    canary_timeout: float = 600.0
+    canary_max_error_rate: float = 0.01  # a fraction: "1%" in the file
+    canary_max_latency_ratio: float = 2.0  # 0 = ignore latency
+    retry_idempotent: bool = True
     resist_deployment_errors: bool = True
     restart_file: str = "tmp/restart.txt"
     restart_check_interval: float = 1.0
@@ -279,6 +293,38 @@ def _to_argv(value: Any) -> tuple[str, ...] | None:
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _to_rate(value: Any) -> float | None:
+    """``"1%"`` or ``"0.5%"`` → 0.01 / 0.005; a bare number is a fraction from 0 to 1."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.endswith("%"):
+            return None
+        try:
+            rate = float(text[:-1]) / 100
+        except ValueError:
+            return None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        rate = float(value)
+    else:
+        return None
+    return rate if math.isfinite(rate) and 0 <= rate <= 1 else None
+
+
+def _to_ratio(value: Any) -> float | None:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        ratio = float(value)
+        return ratio if math.isfinite(ratio) and (ratio == 0 or ratio >= 1) else None
+    return None
+
+
 _COMMAND_WHAT = 'a list of strings like ["gunicorn", "--bind", "unix:{socket}", "app:app"]'
 _LISTEN_WHAT = 'a list of addresses like ["unix:/run/flypool/blog.sock"] or ["127.0.0.1:8080"]'
 
@@ -327,13 +373,20 @@ _DAEMON_CHECKS: dict[str, _Check] = {
     "log_format": _choice("auto", "json", "console"),
     "log_level": _choice("debug", "info", "warning", "error", "critical"),
     "log_file": _STRING,
-    "access_log": _BOOL,
+    "access_log": _rule(
+        'a file path, "-" (the daemon\'s own log) or "" (off)',
+        # true/false were the first spelling: true = into the daemon's log.
+        lambda v: ("-" if v else "") if isinstance(v, bool) else v if isinstance(v, str) else None,
+    ),
     "runtime_dir": _STRING,
     "admin_group": _STRING,
     "header_timeout": _POSITIVE,
     "keepalive_timeout": _POSITIVE,
     "body_timeout": _POSITIVE,
     "max_header_size": _size(1024, 'a size of at least 1KB like "64KB"'),
+    "send_timeout": _POSITIVE,
+    "underscores_in_headers": _choice("drop", "pass", "refuse"),
+    "max_pool_size": _integer(1),
 }
 
 _APP_CHECKS: dict[str, _Check] = {
@@ -346,7 +399,19 @@ _APP_CHECKS: dict[str, _Check] = {
     "listen": _listen,
     "listen_mode": _MODE,
     "listen_group": _STRING,
+    "proxy_protocol": _BOOL,
     "workers": _integer(1),
+    "max_workers": _integer(0),
+    "worker_idle_time": _POSITIVE,
+    "preload": _rule(
+        'a list of Python module names like ["myapp.wsgi"]',
+        lambda v: (
+            tuple(v)
+            if isinstance(v, list | tuple)
+            and all(isinstance(m, str) and _MODULE_RE.fullmatch(m) for m in v)
+            else None
+        ),
+    ),
     "worker_concurrency": _integer(0),
     "max_queue": _integer(0),
     "queue_timeout": _POSITIVE,
@@ -357,7 +422,17 @@ _APP_CHECKS: dict[str, _Check] = {
     "stop_signal": _rule('a signal name like "SIGTERM" or "QUIT"', _to_signal),
     "stop_timeout": _POSITIVE,
     "rolling_restarts": _BOOL,
-    "restart_batch": _integer(1),
+    "restart_batch": _rule(
+        'an integer >= 1 or "auto"',
+        lambda v: v if v == "auto" or (_is_int(v) and v >= 1) else None,
+    ),
+    "memory_reserve": _size(0, 'a size like "256MB" or a number of bytes'),
+    "canary": _integer(0),
+    "canary_requests": _integer(1),
+    "canary_timeout": _POSITIVE,
+    "canary_max_error_rate": _rule('a percentage like "1%" (or a fraction like 0.01)', _to_rate),
+    "canary_max_latency_ratio": _rule("a number >= 0 like 2.0 (0 = ignore latency)", _to_ratio),
+    "retry_idempotent": _BOOL,
     "resist_deployment_errors": _BOOL,
     "restart_file": _STRING,
     "restart_check_interval": _POSITIVE,
@@ -376,7 +451,7 @@ _REQUIRED_APP_KEYS = {
     "command": _COMMAND_WHAT,
     "listen": _LISTEN_WHAT,
 }
-_DAEMON_PATH_KEYS = ("admin_socket", "pid_file", "log_file", "runtime_dir")
+_DAEMON_PATH_KEYS = ("admin_socket", "pid_file", "log_file", "runtime_dir", "access_log")
 
 
 # --- validation core ---------------------------------------------------------
@@ -387,7 +462,7 @@ def _absolute(path: str, base_dir: str) -> str:
 
     Absolute paths are left alone: normalising them could step out of a symlink.
     """
-    if not path or os.path.isabs(path):
+    if not path or path == "-" or os.path.isabs(path):
         return path
     return os.path.normpath(os.path.join(base_dir, path))
 
@@ -450,6 +525,13 @@ def _build_app(
                 f'{head}key "command": expected "{right}" with worker_bind = "{bind}", '
                 f'got {_q(arg)} (set worker_bind = "{other}" to use "{wrong}")'
             )
+    workers = values.get("workers", 4)
+    max_workers = values.get("max_workers", 0)
+    if max_workers and max_workers < workers:
+        raise ConfigError(
+            f'{head}key "max_workers": expected 0 (a fixed pool) or at least workers '
+            f"({workers}), got {max_workers}"
+        )
     return AppConfig(**values)
 
 
@@ -507,6 +589,13 @@ def _build(data: Mapping[str, Any], source: str, base_dir: str, *, label: bool =
                         f"got {_q(str(addr))} {how} (also used by {owner})"
                     )
             owners.append((addr, f"app {_q(app.name)}"))
+    total = sum(max(a.workers, a.max_workers) for a in apps)
+    if total > daemon.max_pool_size:
+        head = f"{source}: [daemon] " if label else f"{source}: "
+        raise ConfigError(
+            f'{head}key "max_pool_size": expected at least the workers of all apps '
+            f"together ({total}, counting max_workers), got {daemon.max_pool_size}"
+        )
     return Config(daemon=daemon, apps=apps)
 
 
@@ -551,9 +640,26 @@ _HELP = {
     "worker_bind": "unix or tcp: fills {socket} or {port} in the command",
 }
 _INT_KEYS = frozenset(
-    {"workers", "worker_concurrency", "max_queue", "restart_batch", "max_requests"}
+    {
+        "workers",
+        "worker_concurrency",
+        "max_queue",
+        "restart_batch",
+        "max_requests",
+        "max_workers",
+        "max_pool_size",
+        "canary",
+        "canary_requests",
+    }
 )
-_BOOL_KEYS = frozenset({"rolling_restarts", "resist_deployment_errors", "access_log"})
+_BOOL_KEYS = frozenset(
+    {
+        "rolling_restarts",
+        "resist_deployment_errors",
+        "proxy_protocol",
+        "retry_idempotent",
+    }
+)
 
 
 def _metavar(key: str) -> str:
@@ -561,7 +667,7 @@ def _metavar(key: str) -> str:
         return "N"
     if key.endswith(("_timeout", "_interval", "_time")):
         return "DURATION"
-    if key in ("memory_limit", "max_header_size"):
+    if key in ("memory_limit", "max_header_size", "memory_reserve"):
         return "SIZE"
     return "MODE" if key.endswith("_mode") else key.upper()
 
@@ -578,8 +684,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"help": _HELP.get(key, f"the {key} config key")}
         if key in _BOOL_KEYS:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif key in ("listen", "env"):
-            kwargs.update(action="append", metavar="KEY=VALUE" if key == "env" else "ADDRESS")
+        elif key in ("listen", "env", "preload"):
+            metavar = {"env": "KEY=VALUE", "listen": "ADDRESS", "preload": "MODULE"}[key]
+            kwargs.update(action="append", metavar=metavar)
         else:
             kwargs["metavar"] = _metavar(key)
         parser.add_argument("--" + key.replace("_", "-"), default=None, **kwargs)

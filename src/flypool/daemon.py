@@ -169,7 +169,7 @@ class Daemon:
             await handover.adopt(self, handed, loop)
         for pool in self.pools.values():
             if d.access_log:
-                pool.router.access_log = make_access_logger(pool.name, loop)
+                pool.router.access_log = make_access_logger(pool.name, d.access_log, loop)
             pool.start()
             self.tasks.append(loop.create_task(watch_restart_file(pool, self._file_restart)))
         self.tasks.append(loop.create_task(self._notify_ready()))
@@ -407,10 +407,10 @@ class Daemon:
 
 
 def make_access_logger(
-    app: str, loop: asyncio.AbstractEventLoop
+    app: str, path: str, loop: asyncio.AbstractEventLoop
 ) -> Callable[[Request, int, Worker | None], None]:
-    """One structured event per finished request (access_log = true)."""
-    log = flog.get_logger(app=app)
+    """One structured event per finished request, into ``access_log`` (a file or "-")."""
+    log = flog.access_logger(path, app=app)
 
     def access(req: Request, status: int, worker: Worker | None) -> None:
         now = loop.time()

@@ -44,6 +44,7 @@ class ReopenableFile:
 
 
 _output: Any = None
+_access_files: list[ReopenableFile] = []
 
 
 def configure(log_format: str = "auto", level: str = "info", log_file: str = "") -> None:
@@ -73,9 +74,28 @@ def configure(log_format: str = "auto", level: str = "info", log_file: str = "")
 
 
 def reopen() -> None:
-    """Reopen the log file (USR1); a no-op when logging to stderr."""
+    """Reopen the log file and access log files (USR1); stderr is left alone."""
     if isinstance(_output, ReopenableFile):
         _output.reopen()
+    for f in _access_files:
+        f.reopen()
+
+
+def access_logger(path: str, **bound: Any) -> Any:
+    """A logger for the access log: the daemon's own (``"-"``) or JSON lines in ``path``."""
+    if path == "-":
+        return get_logger(**bound)
+    out = next((f for f in _access_files if f.path == path), None)
+    if out is None:
+        out = ReopenableFile(path)
+        _access_files.append(out)
+    return structlog.wrap_logger(
+        structlog.WriteLogger(file=out),  # type: ignore[arg-type]
+        processors=[
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+    ).bind(**bound)
 
 
 def get_logger(**bound: Any) -> Any:

@@ -140,7 +140,9 @@ class Rollout:
             missing = pool.target - len(live)
             if not old and missing <= 0:
                 return
-            batch = max(1, min(cfg.restart_batch, len(old) if old else missing))
+            # "auto" (memory-aware surge) is the pool controller's; until then one at a time.
+            surge = 1 if cfg.restart_batch == "auto" else cfg.restart_batch
+            batch = max(1, min(surge, len(old) if old else missing))
             if missing > 0 and not old:
                 batch = missing
             results = await asyncio.gather(
