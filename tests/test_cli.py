@@ -289,6 +289,9 @@ def test_missing_socket_exits_3(short_dir: str, capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert err.startswith(f"flypool: cannot reach the daemon at {path}: ")
     assert "no such socket" in err
+    # A new user (the demo runs, no flag given) learns the three ways to point at it.
+    for way in ("--admin-socket PATH", "FLYPOOL_ADMIN_SOCKET=PATH", "-c FILE"):
+        assert way in err
 
 
 def test_refused_socket_exits_3(short_dir: str, capsys: pytest.CaptureFixture[str]) -> None:

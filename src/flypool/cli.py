@@ -505,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         return _HANDLERS[args.subcommand](args)
     except DaemonUnreachable as exc:
         _say(
-            f"flypool: cannot reach the daemon at {exc.socket_path}: {exc.cause}",
+            f"flypool: cannot reach the daemon at {exc.socket_path}: {exc.cause}\n"
+            "flypool: point at the daemon with --admin-socket PATH, "
+            "FLYPOOL_ADMIN_SOCKET=PATH, or -c FILE (its [daemon] admin_socket)",
             sys.stderr,
         )
         return EXIT_UNREACHABLE
