@@ -23,6 +23,7 @@ from flypool.preload import (
     EntryKind,
     NotPreloadable,
     Plan,
+    Preloader,
     PreloaderGone,
     PreloadError,
     PreloaderState,
@@ -46,7 +47,7 @@ from tests.support import eventually
 PY = sys.executable
 
 
-def run(test: Callable[[Harness], Awaitable[None]]) -> None:
+def run(test: Callable[[Harness], Awaitable[None]], *, plain_asyncio: bool = False) -> None:
     """Run an async test body under uvloop (the daemon's loop); clean up every process."""
 
     async def main() -> None:
@@ -56,7 +57,10 @@ def run(test: Callable[[Harness], Awaitable[None]]) -> None:
         finally:
             await h.close()
 
-    uvloop.run(main())
+    if plain_asyncio:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 def app_argv(sock: str) -> list[str]:
@@ -225,6 +229,28 @@ class TestWorkers:
 
         run(body)
 
+    def test_concurrent_spawns_plain_asyncio(self) -> None:
+        """Fork requests in flight together each get their own worker (stdlib asyncio loop)."""
+        release = make_release()
+        socks = [os.path.join(release, f"c{i}.sock") for i in range(4)]
+
+        async def body(h: Harness) -> None:
+            env = base_env()
+            p = await h.preloader(app_argv("/x"), ["preload_app"], release, env)
+            spawned = await asyncio.gather(*(h.spawn(p, app_argv(s), release, env) for s in socks))
+            pids = set()
+            for s, (w, _) in zip(socks, spawned, strict=True):
+                await wait_serving(s, w)
+                pids.add((await fetch(s))[1])
+            assert len(pids) == 4 and p.spawned_total == 4 and len(p.workers) == 4
+            await p.stop()
+            assert p.state is PreloaderState.EXITED and p.exit_code == 0
+            await p.stop()  # twice is harmless
+            for s, (w, _) in zip(socks, spawned, strict=True):
+                assert (await fetch(s))[0] == 200 and w.returncode is None
+
+        run(body, plain_asyncio=True)
+
 
 class TestSpawnSpeed:
     """The point of preloading: an app whose import takes 1 s."""
@@ -350,6 +376,23 @@ class TestForkHygiene:
 
         run(body)
 
+    def test_files_the_imports_left_open_are_kept_and_reported(self) -> None:
+        """A file opened at import belongs to the app: kept in every worker, named in ready."""
+        release = make_release()
+        log = os.path.join(release, "app.log")
+
+        async def body(h: Harness) -> None:
+            env = base_env(PRELOAD_APP_LOG_FILE=log)
+            p = await h.preloader(app_argv("/x"), ["preload_app"], release, env)
+            assert list(p.shared_fds.values()) == [log]
+            fd = int(next(iter(p.shared_fds)))
+            sock = os.path.join(release, "l.sock")
+            w, _ = await h.spawn(p, app_argv(sock), release, env)
+            await wait_serving(sock, w)
+            assert fd_targets(w.pid)[fd] == log
+
+        run(body)
+
     def test_thread_in_preloader_refuses_fork(self) -> None:
         """A thread running in the preloader: each fork is refused with the reason."""
         release = make_release()
@@ -380,6 +423,24 @@ class TestFailures:
             assert "Traceback (most recent call last):" in err.value.output
             assert "RuntimeError: preload_app: import failure requested" in err.value.output
             assert h.preloaders[0].state is PreloaderState.EXITED
+
+        run(body)
+
+    def test_import_that_never_ends(self) -> None:
+        """Imports still running at the start timeout: killed, PreloadError with the reason."""
+        release = make_release()
+
+        async def body(h: Harness) -> None:
+            env = base_env(PRELOAD_APP_IMPORT_DELAY="60")
+            p = Preloader.for_command(
+                app_argv("/x"), modules=["preload_app"], release=release, env=env
+            )
+            h.preloaders.append(p)
+            with pytest.raises(
+                PreloadError, match=r"did not finish importing preload_app within 0\.5s"
+            ):
+                await p.start(0.5)
+            assert not running(p.pid)
 
         run(body)
 

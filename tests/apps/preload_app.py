@@ -9,6 +9,7 @@ Import-time knobs (read by the preloader when preloaded):
 - ``PRELOAD_APP_FAIL=1``: raise RuntimeError at import (a broken release).
 - ``PRELOAD_APP_THREAD=1``: start a background thread at import.
 - ``PRELOAD_APP_BALLAST_MB=N``: build about N MB of Python objects at import.
+- ``PRELOAD_APP_LOG_FILE=PATH``: open PATH for appending at import (kept open).
 
 Routes: ``/`` → ``pid=..``; ``/random`` → eight ``random.random()`` values;
 ``/stuck`` → never answers (the request handler loops in
@@ -35,11 +36,12 @@ if os.environ.get("PRELOAD_APP_FAIL"):
     raise RuntimeError("preload_app: import failure requested")
 if os.environ.get("PRELOAD_APP_THREAD"):
     threading.Thread(target=time.sleep, args=(3600,), name="app-poller", daemon=True).start()
-# ~215 bytes per entry (tuple, str, int, float, list slot): about 4700 per MB (measured RSS).
-BALLAST = [
-    (f"item-{i}", i, float(i))
-    for i in range(int(os.environ.get("PRELOAD_APP_BALLAST_MB") or 0) * 5800)
-]
+# ~215 bytes per entry (tuple, str, int, float, list slot): 4700 per MB (measured RSS).
+_ballast_mb = int(os.environ.get("PRELOAD_APP_BALLAST_MB") or 0)
+BALLAST = [(f"item-{i}", i, float(i)) for i in range(_ballast_mb * 4700)]
+_log_path = os.environ.get("PRELOAD_APP_LOG_FILE")
+# Kept open for the process's life on purpose (a log file opened at import).
+LOG = open(_log_path, "a") if _log_path else None  # noqa: SIM115
 
 
 def stuck_in_known_function() -> None:

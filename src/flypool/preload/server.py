@@ -101,8 +101,20 @@ def recv_message(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
 
 
 def _fd_list() -> set[int]:
-    """The descriptors open right now (the listing's own dirfd is already closed)."""
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    """The descriptors open right now.
+
+    The listing shows the descriptor it reads the directory through; that
+    one is closed again by the time we look, which is how it is left out.
+    """
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
 
 
 def _fd_target(fd: int) -> str:
