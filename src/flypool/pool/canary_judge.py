@@ -34,23 +34,24 @@ however often it is looked at. That is what lets the daemon check after every
 request without the repeated-peeking inflation of a fixed-sample test, and it
 is the same construction as Netflix's sequential canary tests on count data
 (Lindon et al., KDD 2022) and the conditional test for two Poisson rates.
-The grid covers both a release that fails every request (r huge: five
-straight canary errors at a 20 % share are enough) and a modest regression
-(2 % against 0.5 %, r = 4). The mixture changes only when an error is
-recorded, and then costs one logarithm per grid point.
+The grid covers both a release that fails every request (r huge: four or
+five straight canary errors at a 20 % share are enough) and a modest
+regression (2 % against 0.5 %, r = 4). The mixture changes only when an error
+is recorded, and then costs a logarithm and an exponential per grid point.
 
-Low traffic does not cause false aborts: one early 5xx multiplies the mixture
-by about 2, far from ``1 / alpha`` (100); the gate alone would have fired.
-The guarantee assumes the canary's share is steady; with the least-busy
-balancer it is. A shift in the share (the canary getting everything while
-the app is idle, then a fifth under load) costs at most a small bias,
-measured by ``benchmarks/canary_sim.py``.
+Low traffic does not cause false aborts: one early 5xx multiplies the
+mixture by less than 1/π (2 on the canary's first request with nothing
+served before, about 7 after 20 old requests), far from ``1 / alpha`` (100),
+where a gate on the observed rate alone would have fired. The guarantee
+assumes a steady share, which least-busy routing gives under steady load;
+``benchmarks/canary_sim.py`` measures A/A runs where the share shifts (the
+canary alone for its first 100 requests; starved for the first 1,000).
 
 Latency. The canary's p99 against ``canary_max_latency_ratio`` x the old
 generation's p99, both over at least ``canary_requests`` requests, compared
 once the canary has served them (a fixed-sample rule, as SPEC words it).
 p99 comes from a log-bucket histogram with 8 buckets per octave (resolution
-2^(1/8), about 9 %), so recording is O(1) and allocation-free.
+2^(1/8), about 9 %), so recording is O(1) and nothing grows.
 
 No traffic is no evidence. Until the canary has served ``canary_requests``
 the verdict waits for "traffic"; after that, if a comparison needs the old
@@ -282,8 +283,9 @@ _PROMOTE = Verdict(Decision.PROMOTE)
 def judge(policy: CanaryPolicy, window: CanaryWindow, elapsed_s: float) -> Verdict:
     """Promote, roll back or keep waiting, given the window and the time since the canary was ready.
 
-    Cheap when nothing is decided (a few comparisons, no allocation), so it
-    may run after every request.
+    Cheap when nothing is decided (a few comparisons; it returns a shared
+    Verdict), so it may run after every request. A ROLLBACK or PROMOTE is
+    final: the controller acts on it and stops judging this window.
     """
     can, old = window.canary, window.old
     over_gate = can.errors > policy.max_error_rate * can.requests
