@@ -426,6 +426,24 @@ class TestFailures:
 
         run(body)
 
+    def test_command_the_preloader_cannot_run(self) -> None:
+        """Another interpreter, or no Python at all: refused with the reason (spawn cold)."""
+        release = make_release()
+        other_python = next(
+            str(VENV_BIN / n) for n in ("python", "python3") if str(VENV_BIN / n) != PY
+        )
+
+        async def body(h: Harness) -> None:
+            env = base_env()
+            p = await h.preloader(app_argv("/x"), ["preload_app"], release, env)
+            with pytest.raises(PreloadRefused, match=r"command runs .*/python3?, the"):
+                await h.spawn(p, [other_python, "-m", "preload_serve", "/y"], release, env)
+            with pytest.raises(PreloadRefused, match="not a script with a #! line"):
+                await h.spawn(p, ["/bin/sleep", "5"], release, env)
+            assert p.spawned_total == 0 and p.state is PreloaderState.READY
+
+        run(body)
+
     def test_import_that_never_ends(self) -> None:
         """Imports still running at the start timeout: killed, PreloadError with the reason."""
         release = make_release()
