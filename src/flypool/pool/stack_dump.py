@@ -42,6 +42,8 @@ _DUMP_LINE = re.compile(
     r'|  File ".*", line \d+ in .*'
     r"|  <no Python frame>|  \.\.\.|  Garbage-collecting|"
 )
+FIRST_LINE = 0.5
+"""A process that has not started its dump this long after the signal has none."""
 AUTO = "auto"
 
 
@@ -192,9 +194,12 @@ async def _one_dump(pid: int, output: LineFanout, timeout: float) -> str:
         except ProcessLookupError:
             return ""
         deadline = loop.time() + timeout
+        first_deadline = loop.time() + FIRST_LINE
         while True:
             changed.clear()
-            wait = QUIET if lines else deadline - loop.time()
+            # A process with no handler (a program the worker exec'd) ignores
+            # SIGURG and writes nothing: don't let it eat the whole budget.
+            wait = QUIET if lines else min(FIRST_LINE, first_deadline - loop.time())
             wait = min(wait, deadline - loop.time())
             if wait <= 0:
                 break
