@@ -1,4 +1,4 @@
-"""flypool's bundled example worker: ``python -m flypool.example`` (see `server`).
+"""flypool's example worker: ``python -m flypool.example`` (see `server`), on httptools.
 
-Standard library only; ``wsgi.app`` is the same idea as a WSGI app for gunicorn.
+``wsgi.app`` is the same idea as a WSGI app, for gunicorn.
 """
