@@ -71,7 +71,8 @@ def test_wheel_builds(tmp_path: Path) -> None:
     """The wheel has the package, its data files and the console script, and nothing else."""
     _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(REPO)], 170)
     wheels = list(tmp_path.glob("flypool-*.whl"))
-    assert [w.name for w in wheels] == [f"flypool-{__version__}-py3-none-any.whl"]
+    # py3-none-any, or a CPython wheel when setup.py compiled the hot path's twins.
+    assert [w.name.split("-")[:2] for w in wheels] == [["flypool", __version__]], wheels
     with zipfile.ZipFile(wheels[0]) as whl:
         names = set(whl.namelist())
         dist_info = f"flypool-{__version__}.dist-info"

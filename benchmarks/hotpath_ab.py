@@ -1,0 +1,329 @@
+"""Same-run A/B of flypool daemon variants on the proxy hot path.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/hotpath_ab.py \\
+        --variant pure:FLYPOOL_IMPL=pure --variant compiled:FLYPOOL_IMPL=compiled \\
+        [--rounds 5] [--duration 8] [--syscalls]
+
+Each variant is one ``flypool run --workers 1 --worker-concurrency 0`` daemon
+(the setting of issue 10's table) in front of its own worker, the bundled
+example server (``python -m flypool.example``, uvloop + httptools) on a Unix
+socket. All daemons run at the same time; ``wrk -t1 -c32 -dDs`` loads them
+in interleaved rounds (A, B, ..., A, B, ...), so that the noise of a shared
+machine hits every variant alike. Per run it reads the daemon's CPU time
+(``/proc/PID/stat``, user and system apart) and, with ``--syscalls``, counts
+the daemon's system calls with ``perf stat`` syscall tracepoints (all
+threads; costs a few per cent of throughput, alike for every variant).
+
+A variant is ``NAME[:ENV=VALUE[,ENV=VALUE...]][@LAUNCHER]``: the environment
+is set for that daemon only; ``LAUNCHER`` is a Python file run instead of
+``-m flypool`` (it receives ``-m flypool run ...`` as arguments and may
+patch something before it runs the module), for experiments that have no
+switch.
+
+Prints a Markdown table of medians and the median of per-round ratios
+against the first variant; writes every run to
+``benchmarks/out/hotpath_ab.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    CLOCK_TICKS,
+    OUT_DIR,
+    PYTHON,
+    BenchmarkError,
+    FlypoolDaemon,
+    WrkResult,
+    machine_info,
+    run_wrk,
+    start_flypool,
+    write_json,
+)
+
+PERF = shutil.which("perf")
+"""``perf`` (Debian ``linux-perf``), for ``--syscalls``."""
+SYSCALLS = ["read", "write", "writev", "epoll_pwait", "epoll_ctl", "futex", "openat"]
+"""Syscalls counted one by one with ``--syscalls`` (the total counts every syscall)."""
+WORKER = [PYTHON, "-m", "flypool.example", "--socket", "{socket}"]
+DEFAULT_OUT = OUT_DIR / "hotpath_ab.json"
+
+
+@dataclass
+class Variant:
+    """One daemon configuration under test."""
+
+    name: str
+    env: dict[str, str]
+    launcher: str | None = None
+    daemon: FlypoolDaemon | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``NAME[:ENV=VALUE,...][@LAUNCHER]``."""
+        launcher = None
+        if "@" in text:
+            text, launcher = text.split("@", 1)
+        name, _, env_text = text.partition(":")
+        env: dict[str, str] = {}
+        for item in filter(None, env_text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"variant {name}: {item!r} is not ENV=VALUE")
+            env[key] = value
+        return cls(name, env, launcher)
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of ``pid`` in clock ticks (all threads)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]), int(fields[12])
+
+
+def start_variant(variant: Variant) -> FlypoolDaemon:
+    """Start the daemon of ``variant`` with its environment (restored afterwards)."""
+    saved = {key: os.environ.get(key) for key in variant.env}
+    os.environ.update(variant.env)
+    try:
+        args = [variant.launcher] if variant.launcher else []
+        return start_flypool(
+            WORKER, workers=1, extra_args=["--worker-concurrency", "0"], interpreter_args=args
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def perf_argv(pid: int, seconds: float, out: Path) -> list[str]:
+    """``perf stat`` counting the daemon's syscalls for ``seconds``."""
+    assert PERF is not None
+    events = ["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{s}" for s in SYSCALLS)]
+    return [
+        PERF,
+        "stat",
+        "-x,",
+        "-e",
+        ",".join(events),
+        "-p",
+        str(pid),
+        "-o",
+        str(out),
+        "--",
+        "sleep",
+        f"{seconds:g}",
+    ]
+
+
+def read_perf(out: Path) -> dict[str, int]:
+    """Syscall name → count from a ``perf stat -x,`` file."""
+    counts: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) < 3 or not parts[0].strip().isdigit():
+            continue
+        event = parts[2]
+        name = "total" if event == "raw_syscalls:sys_enter" else event.split("sys_enter_")[-1]
+        counts[name] = int(parts[0])
+    return counts
+
+
+def one_run(variant: Variant, number: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Load ``variant``'s daemon once; its figures."""
+    daemon = variant.daemon
+    assert daemon is not None
+    pid = daemon.pid
+    perf: subprocess.Popen[bytes] | None = None
+    perf_out = daemon.tmpdir / f"perf-{number}.txt"
+    if args.syscalls:
+        # perf stat starts counting at once; it runs a little past wrk, which
+        # adds idle-loop syscalls only (a timer or two).
+        perf = subprocess.Popen(
+            perf_argv(pid, args.duration + 0.5, perf_out),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.2)
+    user0, sys0 = cpu_ticks(pid)
+    wrk: WrkResult = run_wrk(daemon.url, duration_s=args.duration, connections=args.connections)
+    user1, sys1 = cpu_ticks(pid)
+    requests = max(wrk.requests, 1)
+    run: dict[str, Any] = {
+        "round": number,
+        "requests": wrk.requests,
+        "requests_per_s": wrk.requests_per_s,
+        "p50_ms": wrk.p50_ms,
+        "p99_ms": wrk.p99_ms,
+        "errors": wrk.errors,
+        "user_us_per_req": (user1 - user0) / CLOCK_TICKS / requests * 1e6,
+        "sys_us_per_req": (sys1 - sys0) / CLOCK_TICKS / requests * 1e6,
+    }
+    run["cpu_us_per_req"] = run["user_us_per_req"] + run["sys_us_per_req"]
+    if perf is not None:
+        try:
+            perf.wait(args.duration + 30)
+        except subprocess.TimeoutExpired:
+            perf.kill()
+            perf.wait()
+        counts = read_perf(perf_out) if perf_out.exists() else {}
+        run["syscalls_per_req"] = {k: v / requests for k, v in counts.items()}
+    variant.runs.append(run)
+    return run
+
+
+def median(variant: Variant, key: str, sub: str | None = None) -> float | None:
+    """Median of a figure over the variant's runs."""
+    values = [r[key] if sub is None else r.get(key, {}).get(sub) for r in variant.runs]
+    clean = [v for v in values if v is not None]
+    return statistics.median(clean) if clean else None
+
+
+def paired(a: Variant, b: Variant, key: str) -> float | None:
+    """Median over rounds of a's figure divided by b's (same round)."""
+    ratios = [x[key] / y[key] for x, y in zip(a.runs, b.runs, strict=True) if y[key]]
+    return statistics.median(ratios) if ratios else None
+
+
+def table(variants: list[Variant], syscalls: bool) -> str:
+    """Markdown summary: medians, and per-round ratios to the first variant."""
+    head = "| variant | req/s | x base | CPU µs/req | x base | user µs | sys µs | p50 ms | p99 ms"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:"
+    if syscalls:
+        head += " | syscalls/req | " + " | ".join(SYSCALLS)
+        sep += "|---:" * (1 + len(SYSCALLS))
+    lines = [head + " |", sep + "|"]
+    base = variants[0]
+
+    def fmt(value: float | None, digits: int) -> str:
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    for v in variants:
+        row = [
+            v.name,
+            fmt(median(v, "requests_per_s"), 0),
+            fmt(paired(v, base, "requests_per_s"), 3),
+            fmt(median(v, "cpu_us_per_req"), 1),
+            fmt(paired(v, base, "cpu_us_per_req"), 3),
+            fmt(median(v, "user_us_per_req"), 1),
+            fmt(median(v, "sys_us_per_req"), 1),
+            fmt(median(v, "p50_ms"), 2),
+            fmt(median(v, "p99_ms"), 2),
+        ]
+        if syscalls:
+            row.append(fmt(median(v, "syscalls_per_req", "total"), 2))
+            row += [fmt(median(v, "syscalls_per_req", s), 3) for s in SYSCALLS]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def log(message: str) -> None:
+    """Progress, on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Read the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        help="NAME[:ENV=VALUE,...][@LAUNCHER]; give it twice or more",
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before round 1")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--syscalls", action="store_true", help="count syscalls with perf stat")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.syscalls and PERF is None:
+        parser.error("--syscalls needs perf (apt-get install linux-perf)")
+    if args.rounds < 1 or args.duration < 1:
+        parser.error("--rounds and --duration must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the A/B; returns the exit status (1 when a run had errors)."""
+    args = parse_args(argv)
+    variants = [Variant.parse(text) for text in args.variant]
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    info = machine_info()
+    with contextlib.ExitStack() as cleanup:
+        for v in variants:
+            log(f"starting {v.name} {v.env} {v.launcher or ''}")
+            v.daemon = start_variant(v)
+            cleanup.callback(v.daemon.stop)
+        for v in variants:
+            assert v.daemon is not None
+            if args.warmup:
+                run_wrk(v.daemon.url, duration_s=args.warmup, connections=args.connections)
+        for number in range(1, args.rounds + 1):
+            for v in variants:
+                run = one_run(v, number, args)
+                log(
+                    f"round {number}/{args.rounds} {v.name:<12} {run['requests_per_s']:>9,.0f} "
+                    f"req/s  CPU {run['cpu_us_per_req']:5.1f} µs/req "
+                    f"(user {run['user_us_per_req']:4.1f}, sys {run['sys_us_per_req']:4.1f})"
+                    + (f"  ERRORS {run['errors']}" if run["errors"] else "")
+                )
+    text = table(variants, args.syscalls)
+    print(text)
+    print(
+        f"\n{args.rounds} interleaved rounds x {args.duration}s of `wrk -t1 -c{args.connections}`"
+        f" per variant; medians; x base = median of per-round ratios to {variants[0].name}. "
+        f"{info['nproc']} CPUs, load {info['loadavg_at_start']} at start, "
+        f"{[round(x, 2) for x in os.getloadavg()]} at end."
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "hotpath_ab",
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": shlex.join([sys.executable, *(sys.argv if argv is None else argv)]),
+            "machine": info,
+            "markdown": text,
+            "variants": [
+                {"name": v.name, "env": v.env, "launcher": v.launcher, "runs": v.runs}
+                for v in variants
+            ],
+        },
+    )
+    log(f"raw figures: {args.out}")
+    return 1 if any(r["errors"] for v in variants for r in v.runs) else 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except BenchmarkError as err:
+        print(f"hotpath_ab: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
