@@ -3,7 +3,7 @@
 Everything declarative is in pyproject.toml; this file only adds the C
 extensions. Each module named in ``flypool._impl.COMPILED_TWINS`` is copied
 under its twin's name (``flypool/http/parsing.py`` →
-``flypool/http/_parsing_c.py``) into ``build/mypyc-src`` together with the rest
+``flypool/http/_parsing_c.py``) into ``build/mypyc-PID/src`` together with the rest
 of the package (mypy follows its imports there), stamped with the SHA-256 of
 its source, and compiled by mypyc into ``flypool/http/_parsing_c.*.so`` plus
 one shared library, ``flypool/_mypyc__mypyc.*.so``. The pure modules are
@@ -37,9 +37,11 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src"
 # Relative to the project root (setuptools wants relative source paths; the
-# build backend runs this file from the root).
-STAGE = Path("build") / "mypyc-src"
-C_DIR = Path("build") / "mypyc-c"
+# build backend runs this file from the root); one directory per build, so
+# that two builds of one work tree at the same time do not mix their files.
+WORK = Path("build") / f"mypyc-{os.getpid()}"
+STAGE = WORK / "src"
+C_DIR = WORK / "c"
 GROUP = "flypool._mypyc"
 """mypyc's shared library becomes ``flypool/_mypyc__mypyc``: inside the package."""
 
@@ -176,12 +178,17 @@ class OptionalMypycBuildExt(build_ext):
         # metadata and sdist builds run this file (and finalize build_ext) too.
         extensions = self._generate()
         self.distribution.ext_modules = self.extensions = extensions
+        # Always compile: objects left in build/ by an earlier build must not
+        # stand in for a compiler this build does not have (CC=/bin/false).
+        self.force = True
         try:
             self._register(extensions)
             super().run()
         except Exception as err:  # CompileError, LinkError, a missing compiler ...
             self._remove_outputs()
             self._fall_back(f"compiling failed ({type(err).__name__}: {str(err)[:300]})")
+        finally:
+            shutil.rmtree(WORK, ignore_errors=True)
 
     def _generate(self) -> list[Extension]:
         why = _why_not_compile()

@@ -251,8 +251,12 @@ def running_daemon(
     directory: Path | None = None,
     extra_apps: list[dict[str, Any]] | None = None,
     cwd: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Daemon]:
-    """Start a daemon on a fresh config; stop it and check no worker survives."""
+    """Start a daemon on a fresh config; stop it and check no worker survives.
+
+    ``env`` adds variables to the daemon's environment (test-only switches).
+    """
     d = directory or Path(short_dir())
     cfg = write_config(d, app or {}, daemon, extra_apps)
     log_path = d / "daemon.log"
@@ -262,6 +266,7 @@ def running_daemon(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd or str(d),
+            env={**os.environ, **env} if env else None,
         )
     dm = Daemon(d, cfg, proc, log_path)
     try:
@@ -306,6 +311,29 @@ def running_daemon(
 
 
 RELEASE_WORKER = [PYTHON, str(Path(__file__).parent / "apps" / "release_worker.py"), "{socket}"]
+MEM_WORKER = [PYTHON, str(Path(__file__).parent / "apps" / "mem_worker.py"), "{socket}"]
+
+
+def log_events(d: Daemon, event: str) -> list[dict[str, Any]]:
+    """Every JSON log record of the daemon with this ``event``."""
+    out = []
+    for line in d.log().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if rec.get("event") == event:
+                    out.append(rec)
+    return out
+
+
+def live_children(pid: int) -> set[int]:
+    """Child pids of ``pid`` that are not zombies."""
+    out = set()
+    for c in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if c.status() != psutil.STATUS_ZOMBIE:
+                out.add(c.pid)
+    return out
 
 
 class LoadGen:

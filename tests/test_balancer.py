@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flypool.pool.balancer import pick
-from flypool.pool.worker import IllegalTransition, Worker, WorkerState
+from flypool.pool.worker import TRANSITIONS, Event, IllegalTransition, Worker, WorkerState
 
 
 def _w(
@@ -16,8 +16,7 @@ def _w(
     last_used: float = 0.0,
     state: WorkerState = WorkerState.READY,
 ) -> Worker:
-    w = Worker(n, gen, "/r", f"/s/{n}", 0.0)
-    w.state = state
+    w = Worker(n, gen, "/r", f"/s/{n}", 0.0, state)
     w.inflight = inflight
     w.last_used = last_used
     return w
@@ -36,6 +35,15 @@ def test_ties_go_to_the_newest_generation_then_the_longest_idle() -> None:
     assert pick([idle_short, idle_long], 0) is idle_long
 
 
+def test_elastic_extras_are_the_last_choice_on_ties() -> None:
+    """An extra worker only gets requests the core workers cannot take, so it falls idle."""
+    core, extra = _w(1, last_used=9.0), _w(2, last_used=0.0)
+    extra.extra = True
+    assert pick([extra, core], 0) is core
+    core.inflight = 1
+    assert pick([extra, core], 0) is extra
+
+
 def test_only_ready_workers_with_a_free_slot_and_not_suspect() -> None:
     full = _w(1, inflight=1)
     draining = _w(2, state=WorkerState.DRAINING)
@@ -50,11 +58,31 @@ def test_only_ready_workers_with_a_free_slot_and_not_suspect() -> None:
 
 def test_state_table_allows_only_its_edges() -> None:
     w = _w(1, state=WorkerState.SPAWNING)
-    w.transition(WorkerState.READY)
-    w.transition(WorkerState.DRAINING)
+    w.transition(Event.BOOTED)
+    assert w.state is WorkerState.READY
+    w.transition(Event.DRAIN)
     with pytest.raises(IllegalTransition):
-        w.transition(WorkerState.READY)  # a drained worker never comes back
-    w.transition(WorkerState.STOPPING)
-    w.transition(WorkerState.EXITED)
+        w.transition(Event.BOOTED)  # a drained worker never comes back
+    w.transition(Event.STOP)
     with pytest.raises(IllegalTransition):
-        w.transition(WorkerState.SPAWNING)
+        w.transition(Event.DRAIN)
+    w.transition(Event.EXIT)
+    for event in Event:
+        assert not w.can(event)
+        with pytest.raises(IllegalTransition):
+            w.transition(event)
+
+
+def test_a_worker_retired_before_its_process_exists_is_stopping() -> None:
+    """TTIN then TTOU: the spawn is cancelled while pid is 0, and signalled once it has one."""
+    w = _w(1, state=WorkerState.SPAWNING)
+    assert w.pid == 0
+    assert w.transition(Event.STOP) is WorkerState.SPAWNING
+    assert w.state is WorkerState.STOPPING
+    assert not w.can(Event.BOOTED)
+
+
+def test_every_state_reaches_exited() -> None:
+    for state, edges in TRANSITIONS.items():
+        if state is not WorkerState.EXITED:
+            assert edges[Event.EXIT] is WorkerState.EXITED

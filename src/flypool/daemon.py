@@ -1,16 +1,24 @@
-"""The composition root: builds the loop, the pools and the listeners, runs until stopped."""
+"""The composition root: builds the loop, the pools and the listeners, runs until stopped.
+
+Signals map to one-line handlers (SPEC §5). While a USR2 hand-over is in
+progress, TERM, QUIT, HUP and USR2 are queued in ``pending`` and carried out
+by whichever image is running when the hand-over ends: this one if it
+failed, the next one (the queue is in the hand-over state) if it succeeded.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -23,12 +31,13 @@ from flypool.http.request import Request, ServerState
 from flypool.http.router import Router
 from flypool.http.server import ListenError, bind, remove_socket_file, serve, sweep
 from flypool.pool.app import AppPool
-from flypool.pool.rollout import request_restart
 from flypool.pool.sampler import Sample, run_sampler
-from flypool.pool.worker import Worker
+from flypool.pool.worker import Worker, WorkerState
 from flypool.restart_file import watch_restart_file
 
 SAMPLE_INTERVAL = 2.0
+# While a restart runs the pool's memory is sampled this often (peak memory).
+RESTART_SAMPLE_INTERVAL = 0.25
 
 
 def _clean_stale_runtime_dirs(base: str) -> None:
@@ -73,6 +82,8 @@ class Daemon:
         self.reload_config = reload_config
         self.log: Any = flog.get_logger()
         self.pools: dict[str, AppPool] = {}
+        # Live list: apps added by a reload get swept (idle conns, max_request_time) too.
+        self._routers: list[Router] = []
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[Any] = []
         self.stop_event = asyncio.Event()
@@ -87,14 +98,19 @@ class Daemon:
             keepalive_timeout=d.keepalive_timeout,
             body_timeout=d.body_timeout,
             max_header_size=d.max_header_size,
+            send_timeout=d.send_timeout,
+            underscores_in_headers=d.underscores_in_headers,
         )
         self.admin: asyncio.AbstractServer | None = None
+        self.routes = AdminRoutes(self)
         # Socket-activated listeners not (yet) claimed by an app's listen entry.
         self.inherited: dict[str, Any] = {}
         # Listen keys whose sockets this daemon (or the image before a USR2) bound.
         self.owned: set[str] = set()
         self.server_keys: list[str] = []
         self.handing_over = False
+        # Signals queued during a hand-over ("term", "quit", "hup", "usr2").
+        self.pending: list[str] = []
         # The files this process created; a reload may name others, but
         # these are the ones to remove at exit.
         self.admin_path = config.daemon.admin_socket
@@ -142,14 +158,7 @@ class Daemon:
                 self.log.warning(
                     "passed sockets match no listen entry", sockets=sorted(self.inherited)
                 )
-            routes = AdminRoutes(self)
-            self.admin = await start_admin(
-                d.admin_socket,
-                d.admin_socket_mode,
-                routes.handle,
-                admin_gid(d.admin_group),
-                sock=admin_sock,
-            )
+            self.admin = await self._serve_admin(admin_sock)
         except ListenError as exc:
             self.log.error("cannot listen", error=str(exc))
             await self._close_listeners()
@@ -161,17 +170,17 @@ class Daemon:
         # Never keep a release directory busy: old releases must be deletable.
         os.chdir("/")
         self._install_signals(loop)
-        self.tasks.append(loop.create_task(sweep(self.state, self.routers())))
+        # A hand-over blocks these signals across execv so none is lost.
+        handover.unblock_signals()
+        self.tasks.append(loop.create_task(sweep(self.state, self._routers)))
         self.tasks.append(
-            loop.create_task(run_sampler(SAMPLE_INTERVAL, self._all_workers, self._sampled))
+            loop.create_task(run_sampler(self._sample_interval, self._all_workers, self._sampled))
         )
+        pending: list[str] = []
         if handed is not None:
-            await handover.adopt(self, handed, loop)
+            pending = await handover.adopt(self, handed, loop)
         for pool in self.pools.values():
-            if d.access_log:
-                pool.router.access_log = make_access_logger(pool.name, d.access_log, loop)
-            pool.start()
-            self.tasks.append(loop.create_task(watch_restart_file(pool, self._file_restart)))
+            self._start_pool(pool, loop)
         self.tasks.append(loop.create_task(self._notify_ready()))
         self.log.info(
             "flypool started",
@@ -179,14 +188,34 @@ class Daemon:
             apps=[a.name for a in self.config.apps],
             admin_socket=d.admin_socket,
         )
+        self.run_pending(pending)
         await self.stop_event.wait()
         await self._shutdown()
         return 0
 
+    async def _serve_admin(self, sock: socket.socket | None) -> asyncio.AbstractServer:
+        d = self.config.daemon
+        return await start_admin(
+            self.admin_path, d.admin_socket_mode, self.routes.handle, admin_gid(d.admin_group), sock
+        )
+
     def _add_pool(self, app: AppConfig, loop: asyncio.AbstractEventLoop) -> AppPool:
         pool = AppPool(app, loop, self.runtime_dir, self.log)
+        access_log = self.config.daemon.access_log
+        if access_log:
+            pool.router.access_log = make_access_logger(pool.name, access_log, loop)
         self.pools[app.name] = pool
+        self._routers.append(pool.router)
         return pool
+
+    def _remove_pool(self, name: str) -> None:
+        pool = self.pools.pop(name)
+        with contextlib.suppress(ValueError):
+            self._routers.remove(pool.router)
+
+    def _start_pool(self, pool: AppPool, loop: asyncio.AbstractEventLoop) -> None:
+        pool.start()
+        self.tasks.append(loop.create_task(watch_restart_file(pool, self._file_restart)))
 
     async def _listen(
         self, app: AppConfig, loop: asyncio.AbstractEventLoop, inherited: dict[str, Any]
@@ -208,45 +237,45 @@ class Daemon:
 
     def routers(self) -> list[Router]:
         """Routers of every app (the sweeper iterates this list)."""
-        return [p.router for p in self.pools.values()]
+        return self._routers
 
     def _all_workers(self) -> list[Worker]:
         return [w for p in self.pools.values() for w in p.workers]
 
-    def _sampled(self, samples: list[Sample]) -> None:
-        for w, _cpu, rss in samples:
-            pool = self.pools.get(self._app_of(w))
-            if pool is None or not pool.cfg.memory_limit or rss <= pool.cfg.memory_limit:
-                continue
-            pool.replace_worker(w, f"memory limit: rss {rss} > {pool.cfg.memory_limit}")
+    def _sample_interval(self) -> float:
+        restarting = any(p.controller.restart is not None for p in self.pools.values())
+        return RESTART_SAMPLE_INTERVAL if restarting else SAMPLE_INTERVAL
 
-    def _app_of(self, w: Worker) -> str:
-        for name, pool in self.pools.items():
-            if w in pool.workers:
-                return name
-        return ""
+    def _sampled(self, samples: list[Sample]) -> None:
+        for pool in self.pools.values():
+            pool.controller.sampled()
+            limit = pool.cfg.memory_limit
+            if not limit:
+                continue
+            for w in pool.workers:
+                if w.rss_bytes > limit:
+                    pool.replace_worker(w, f"memory limit: rss {w.rss_bytes} > {limit}")
 
     def _file_restart(self, pool: AppPool) -> None:
-        request_restart(pool, None, f"{pool.cfg.restart_file} touched")
+        pool.request_restart(None, f"{pool.cfg.restart_file} touched")
 
     async def _notify_ready(self, restarts: dict[str, int] | None = None) -> None:
         """READY=1 once every app has its workers, and (after HUP) its restart done."""
-        await asyncio.gather(*(p.wait_all_ready() for p in self.pools.values()))
-        for name, rid in (restarts or {}).items():
-            pool = self.pools.get(name)
-            while (
-                pool is not None
-                and not pool.stopping
-                and (pool.rollout is not None or (pool.last_restart or {}).get("id", 0) < rid)
-            ):
-                await asyncio.sleep(0.05)
+        pools = list(self.pools.values())
+        await asyncio.gather(*(p.controller.settled() for p in pools))
+        waits = [
+            self.pools[name].controller.restart_done(rid)
+            for name, rid in (restarts or {}).items()
+            if name in self.pools
+        ]
+        await asyncio.gather(*waits)
         self.log.info("all workers ready")
         self.notifier.ready(self._status_line())
 
     def _status_line(self) -> str:
         parts = []
         for p in self.pools.values():
-            ready = sum(1 for w in p.workers if w.state.value == "ready")
+            ready = sum(1 for w in p.workers if w.state is WorkerState.READY)
             parts.append(f"{p.name}: {ready}/{p.target} ready")
         return "; ".join(parts)
 
@@ -254,17 +283,37 @@ class Daemon:
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers: dict[signal.Signals, Callable[[], None]] = {
-            signal.SIGTERM: lambda: self.request_stop(fast=False),
-            signal.SIGINT: lambda: self.request_stop(fast=False),
-            signal.SIGQUIT: lambda: self.request_stop(fast=True),
-            signal.SIGHUP: lambda: self.spawn(self.reload_and_restart()),
+            signal.SIGTERM: lambda: self.command("term"),
+            signal.SIGINT: lambda: self.command("term"),
+            signal.SIGQUIT: lambda: self.command("quit"),
+            signal.SIGHUP: lambda: self.command("hup"),
             signal.SIGUSR1: self.reopen_logs,
-            signal.SIGUSR2: lambda: self.spawn(self.handover()),
+            signal.SIGUSR2: lambda: self.command("usr2"),
             signal.SIGTTIN: lambda: self.scale_all(+1),
             signal.SIGTTOU: lambda: self.scale_all(-1),
         }
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler)
+
+    def command(self, name: str) -> None:
+        """Carry out a signal's command now, or after the hand-over in progress."""
+        if self.handing_over:
+            self.log.info("signal queued until the hand-over ends", command=name)
+            self.pending.append(name)
+            return
+        if name == "term":
+            self.request_stop(fast=False)
+        elif name == "quit":
+            self.request_stop(fast=True)
+        elif name == "hup":
+            self.spawn(self.reload_and_restart())
+        elif name == "usr2":
+            self.spawn(self.handover())
+
+    def run_pending(self, commands: list[str]) -> None:
+        """Carry out the commands queued during a hand-over, in order."""
+        for name in commands:
+            self.command(name)
 
     def spawn(self, coro: Any) -> None:
         """Run a command coroutine in the background."""
@@ -279,6 +328,10 @@ class Daemon:
             self.fast = True
         self.log.info("stop requested", mode="fast" if self.fast else "graceful")
         self.notifier.stopping()
+        if self.stop_event.is_set() and self.fast:
+            # Already stopping: hurry up every app.
+            for pool in self.pools.values():
+                pool.controller.stop(graceful=False, deadline=0.0)
         self.stop_event.set()
 
     def reopen_logs(self) -> None:
@@ -291,9 +344,28 @@ class Daemon:
         await handover.hand_over(self)
 
     def scale_all(self, delta: int) -> None:
-        """TTIN/TTOU: one worker more or fewer for every app."""
+        """TTIN/TTOU: one worker more or fewer for every app (within max_pool_size)."""
+        limit = self.config.daemon.max_pool_size
+        total = sum(p.target for p in self.pools.values())
+        if delta > 0 and total + delta * len(self.pools) > limit:
+            self.log.warning("scale refused: max_pool_size reached", max_pool_size=limit)
+            return
         for pool in self.pools.values():
             pool.scale(pool.target + delta)
+
+    def scale_app(self, name: str, n: int) -> str | None:
+        """Set one app's worker count; an error message when refused."""
+        pool = self.pools.get(name)
+        if pool is None:
+            return f'no app named "{name}"'
+        limit = self.config.daemon.max_pool_size
+        others = sum(p.target for p in self.pools.values() if p is not pool)
+        if n < 1 or n > limit:
+            return f"workers must be between 1 and max_pool_size ({limit})"
+        if others + n > limit:
+            return f"{n} workers would make {others + n} in all, over max_pool_size ({limit})"
+        pool.scale(n)
+        return None
 
     async def reload(self) -> str | None:
         """Read the configuration again; return an error message or None."""
@@ -309,6 +381,7 @@ class Daemon:
             self.log.error("reload failed; keeping the old configuration", error=problems[0])
             return problems[0]
         loop = asyncio.get_running_loop()
+        self.config = new
         for app in new.apps:
             pool = self.pools.get(app.name)
             if pool is None:
@@ -316,19 +389,18 @@ class Daemon:
                 try:
                     await self._listen(app, loop, self.inherited)
                 except ListenError as exc:
-                    del self.pools[app.name]
+                    self._remove_pool(app.name)
                     self.log.error(
                         "reload: cannot listen for new app", app=app.name, error=str(exc)
                     )
                     continue
-                pool.start()
-                self.tasks.append(loop.create_task(watch_restart_file(pool, self._file_restart)))
+                self._start_pool(pool, loop)
                 continue
             if app.listen != pool.cfg.listen:
                 self.log.warning(
                     "reload: listen changes take effect after a daemon restart", app=app.name
                 )
-                app = _with_listen(app, pool.cfg.listen)
+                app = dataclasses.replace(app, listen=pool.cfg.listen)
             pool.apply_config(app)
         for name in list(self.pools):
             if name not in {a.name for a in new.apps}:
@@ -342,7 +414,8 @@ class Daemon:
         self.state.keepalive_timeout = d.keepalive_timeout
         self.state.body_timeout = d.body_timeout
         self.state.max_header_size = d.max_header_size
-        self.config = new
+        self.state.send_timeout = d.send_timeout
+        self.state.underscores = d.underscores_in_headers
         self.log.info("configuration reloaded")
         return None
 
@@ -358,10 +431,51 @@ class Daemon:
         restarts: dict[str, int] = {}
         if error is None:
             for pool in self.pools.values():
-                restarts[pool.name] = request_restart(pool, None, reason)
+                restarts[pool.name] = pool.request_restart(None, reason)
         # systemd's reload is over when every worker runs the new release.
         self.spawn(self._notify_ready(restarts))
         return error
+
+    # -- hand-over support (flypool.handover.HandoverHost) -------------------------------
+
+    def listening(self) -> list[tuple[str, socket.socket, bool, bool]]:
+        """(key, socket, bound by us, accepted on) of every listener, claimed or not."""
+        out = [
+            (key, sock, key in self.owned, True)
+            for server, key in zip(self.servers, self.server_keys, strict=True)
+            for sock in cast(asyncio.Server, server).sockets
+        ]
+        out.extend((key, sock, False, False) for key, sock in self.inherited.items())
+        return out
+
+    def admin_socket(self) -> socket.socket:
+        """The admin server's listening socket."""
+        assert self.admin is not None
+        return cast(asyncio.Server, self.admin).sockets[0]
+
+    def stop_listening(self) -> None:
+        """Stop accepting (sockets stay open through their hand-over duplicates)."""
+        for server in self.servers:
+            server.close()
+        if self.admin is not None:
+            self.admin.close()
+
+    async def resume_listening(self, socks: dict[str, socket.socket], admin: socket.socket) -> None:
+        """The hand-over failed: accept again on the same sockets."""
+        loop = asyncio.get_running_loop()
+        routers = {}
+        for pool in self.pools.values():
+            for addr in pool.cfg.listen:
+                routers[str(addr)] = pool.router
+        servers, keys = [], []
+        for key in self.server_keys:
+            sock = socks.get(key)
+            if sock is None or key not in routers:
+                continue
+            servers.append(await serve(loop, sock, routers[key], self.state))
+            keys.append(key)
+        self.servers, self.server_keys = servers, keys
+        self.admin = await self._serve_admin(admin)
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -371,10 +485,6 @@ class Daemon:
         for addr in self.listen_addrs:
             remove_socket_file(addr)
 
-    def _requests_pending(self) -> bool:
-        # A second TERM (fast) ends the wait early.
-        return not self.fast and any(r.active or r.queue for r in self.routers())
-
     async def _shutdown(self) -> None:
         log = self.log
         loop = asyncio.get_running_loop()
@@ -382,13 +492,13 @@ class Daemon:
         self.state.shutting_down = True
         for conn in list(self.state.connections):
             conn.shutdown()
-        if not self.fast:
-            # Finish in-flight and queued requests before the workers go.
-            limit = max((p.cfg.drain_timeout for p in self.pools.values()), default=0.0)
-            deadline = loop.time() + limit
-            while loop.time() < deadline and self._requests_pending():
-                await asyncio.sleep(0.01)
-        await asyncio.gather(*(p.stop(graceful=not self.fast) for p in self.pools.values()))
+        # One deadline for everything: queued and in-flight requests finish
+        # within drain_timeout of the stop, not drain_timeout twice.
+        limit = max((p.cfg.drain_timeout for p in self.pools.values()), default=0.0)
+        deadline = loop.time() + limit
+        for p in self.pools.values():
+            p.controller.stop(graceful=not self.fast, deadline=deadline)
+        await asyncio.gather(*(p.controller.wait_stopped() for p in self.pools.values()))
         for conn in list(self.state.connections):
             if conn.transport is not None:
                 conn.transport.close()
@@ -425,12 +535,6 @@ def make_access_logger(
         )
 
     return access
-
-
-def _with_listen(app: AppConfig, listen: Any) -> AppConfig:
-    import dataclasses
-
-    return dataclasses.replace(app, listen=listen)
 
 
 def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

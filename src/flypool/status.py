@@ -7,7 +7,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flypool import __version__
-from flypool.pool.worker import WorkerState
 
 if TYPE_CHECKING:
     from flypool.pool.app import AppPool
@@ -15,25 +14,17 @@ if TYPE_CHECKING:
 
 def app_state(pool: AppPool) -> str:
     """One of starting, serving, restarting, deployment_error, stopping."""
-    if pool.stopping:
-        return "stopping"
-    if pool.rollout is not None:
-        return "restarting"
-    if pool.deployment_error is not None:
-        return "deployment_error"
-    if any(w.state is WorkerState.READY for w in pool.workers):
-        return "serving"
-    return "starting"
+    return pool.controller.state_name()
 
 
 def app_status(pool: AppPool, now: float) -> dict[str, Any]:
     """One app's entry in ``apps``."""
-    cfg = pool.cfg
+    ctl = pool.controller
+    cfg = ctl.cfg
     try:
         release = os.path.realpath(cfg.root)
     except OSError:
         release = ""
-    rollout = pool.rollout
     workers = [
         {
             "pid": w.pid,
@@ -48,30 +39,38 @@ def app_status(pool: AppPool, now: float) -> dict[str, Any]:
             "last_used_s": round(now - w.last_used, 3),
             "release": w.release,
             "restarts": w.restarts,
+            "spawn": w.spawn,
+            "extra": w.extra,
+            "replacing": w.replace_reason,
         }
         for w in sorted(pool.workers, key=lambda w: w.number)
     ]
+    el = ctl.elastic
     return {
         "name": cfg.name,
         "root": cfg.root,
         "release": release,
-        "state": app_state(pool),
+        "state": ctl.state_name(),
         "listen": [str(a) for a in cfg.listen],
         "queue": len(pool.router.queue),
-        "workers_target": pool.target,
+        "workers_target": ctl.target,
+        "workers_min": el.floor if el.enabled else ctl.target,
+        "workers_max": el.ceiling if el.enabled else ctl.target,
         "upstream_connections": pool.router.upstream_connections(),
         "upstream_connects_total": pool.router.stats.connects,
         "drained": pool.router.drained,
-        "restart": rollout.progress() if rollout is not None else None,
-        "last_restart": pool.last_restart,
-        "deployment_error": pool.deployment_error,
-        "spawn_error": pool.spawn_error,
+        "restart": ctl.restart.progress() if ctl.restart is not None else None,
+        "last_restart": ctl.last_restart,
+        "deployment_error": (
+            ctl.deployment_error.as_dict(backoff=False) if ctl.deployment_error else None
+        ),
+        "spawn_error": ctl.spawn_error.as_dict(backoff=True) if ctl.spawn_error else None,
         "workers": workers,
     }
 
 
 def build_status(
-    pools: list[AppPool], started_at: float, now: float, instance: str
+    pools: list[AppPool], started_at: float, now: float, instance: str, max_pool_size: int = 0
 ) -> dict[str, Any]:
     """The whole document returned by ``GET /status``."""
     return {
@@ -80,6 +79,6 @@ def build_status(
         "instance": instance,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "uptime_s": round(now - started_at, 3),
-        "max_pool_size": sum(p.target for p in pools),
+        "max_pool_size": max_pool_size or sum(p.target for p in pools),
         "apps": [app_status(p, now) for p in pools],
     }

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from flypool.pool.worker import WorkerState
 
 if TYPE_CHECKING:
-    from flypool.daemon import Daemon
+    from flypool.pool.app import AppPool
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(daemon: Daemon) -> str:
+def render_metrics(pools: Iterable[AppPool]) -> str:
     """Every metric family, one sample per app (and per class/state)."""
     fams: dict[str, tuple[str, str, list[str]]] = {}
 
@@ -23,8 +24,9 @@ def render_metrics(daemon: Daemon) -> str:
         lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
         fam[2].append(f"{name}{{{lab}}} {value}")
 
-    for pool in daemon.pools.values():
+    for pool in pools:
         app = pool.name
+        ctl = pool.controller
         r = pool.router
         st = r.stats
         for cls in range(1, 6):
@@ -97,28 +99,68 @@ def render_metrics(daemon: Daemon) -> str:
             "counter",
             "Restarts finished (completed or aborted).",
             {"app": app},
-            pool.restarts_total,
+            ctl.restarts_total,
         )
         add(
             "flypool_restart_duration_seconds_total",
             "counter",
             "Time spent restarting.",
             {"app": app},
-            round(sum(pool.restart_durations), 6),
+            round(sum(ctl.restart_durations), 6),
         )
         add(
             "flypool_spawn_failures_total",
             "counter",
             "Workers that failed to get ready.",
             {"app": app},
-            pool.spawn_failures_total,
+            ctl.spawn_failures_total,
+        )
+        add(
+            "flypool_worker_crashes_total",
+            "counter",
+            "Ready workers that exited without being asked to.",
+            {"app": app},
+            ctl.crashes_total,
+        )
+        add(
+            "flypool_workers_target",
+            "gauge",
+            "Workers the pool keeps (scale, TTIN/TTOU, elastic pool).",
+            {"app": app},
+            ctl.target,
+        )
+        for direction, count in (("up", ctl.elastic.ups), ("down", ctl.elastic.downs)):
+            add(
+                "flypool_scale_events_total",
+                "counter",
+                "Elastic pool steps (SPEC section 10).",
+                {"app": app, "direction": direction},
+                count,
+            )
+        plan = ctl.restart
+        last = ctl.last_restart or {}
+        batch = plan.batch if plan is not None else last.get("batch", 0)
+        peak = plan.peak_rss if plan is not None else last.get("peak_rss_bytes", 0)
+        add(
+            "flypool_restart_batch",
+            "gauge",
+            "Workers replaced at once by the running (else the last) restart.",
+            {"app": app},
+            batch or 0,
+        )
+        add(
+            "flypool_restart_peak_memory_bytes",
+            "gauge",
+            "Peak RSS of all workers during the running (else the last) restart.",
+            {"app": app},
+            peak or 0,
         )
         add(
             "flypool_deployment_error",
             "gauge",
             "1 while the app shows a deployment error.",
             {"app": app},
-            1 if pool.deployment_error else 0,
+            1 if ctl.deployment_error else 0,
         )
     lines: list[str] = []
     for name, (kind, help_, samples) in fams.items():

@@ -6,11 +6,10 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from flypool.admin.metrics import render_metrics
-from flypool.pool.rollout import request_restart
 from flypool.status import build_status
 
 if TYPE_CHECKING:
-    from flypool.daemon import Daemon
+    from flypool.admin.control import DaemonControl
     from flypool.pool.app import AppPool
 
 Reply = tuple[int, Any]
@@ -20,7 +19,7 @@ MODES = ("rolling", "blocking")
 class AdminRoutes:
     """Maps admin requests onto daemon operations."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonControl) -> None:
         self.daemon = daemon
 
     async def handle(self, method: str, path: str, query: dict[str, str]) -> Reply:
@@ -29,11 +28,16 @@ class AdminRoutes:
         parts = [p for p in path.split("/") if p]
         if method == "GET" and parts == ["status"]:
             loop = asyncio.get_running_loop()
+            cfg = d.config.daemon
             return 200, build_status(
-                list(d.pools.values()), d.started_at, loop.time(), d.config.daemon.admin_socket
+                list(d.pools.values()),
+                d.started_at,
+                loop.time(),
+                cfg.admin_socket,
+                cfg.max_pool_size,
             )
         if method == "GET" and parts == ["metrics"]:
-            return 200, render_metrics(d)
+            return 200, render_metrics(list(d.pools.values()))
         if method != "POST":
             return (405 if parts else 404), {"error": f"no route for {method} {path}"}
         if parts == ["reload"]:
@@ -53,14 +57,7 @@ class AdminRoutes:
                 return 404, {"error": f'no app named "{parts[1]}"'}
             action = parts[2]
             if action == "scale":
-                try:
-                    n = int(query["workers"])
-                except (KeyError, ValueError):
-                    return 400, {"error": "workers=N (an integer >= 1) is required"}
-                if n < 1:
-                    return 400, {"error": "workers must be >= 1"}
-                pool.scale(n)
-                return 200, {"app": pool.name, "workers": pool.target}
+                return self._scale(pool, query)
             if action in ("restart", "drain", "undrain"):
                 code, body = self._each(action, [pool], query)
                 return code, (
@@ -72,13 +69,24 @@ class AdminRoutes:
                 )
         return 404, {"error": f"no route for {method} {path}"}
 
+    def _scale(self, pool: AppPool, query: dict[str, str]) -> Reply:
+        limit = self.daemon.config.daemon.max_pool_size
+        try:
+            n = int(query["workers"])
+        except (KeyError, ValueError):
+            return 400, {"error": f"workers=N (an integer from 1 to {limit}) is required"}
+        error = self.daemon.scale_app(pool.name, n)
+        if error is not None:
+            return 400, {"error": error}
+        return 200, {"app": pool.name, "workers": pool.target}
+
     def _each(self, action: str, pools: list[AppPool], query: dict[str, str]) -> Reply:
         if action == "restart":
             mode = query.get("mode") or None
             if mode is not None and mode not in MODES:
                 return 400, {"error": "mode must be rolling or blocking"}
             out = [
-                {"app": p.name, "restart_id": request_restart(p, mode, "admin request")}
+                {"app": p.name, "restart_id": p.request_restart(mode, "admin request")}
                 for p in pools
             ]
             return 202, {"restarts": out}

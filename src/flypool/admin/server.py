@@ -1,6 +1,9 @@
 """The admin socket: HTTP/1.1 + JSON, so `curl --unix-socket` works (SPEC §4).
 
-Not on the request path: a plain asyncio streams server is enough.
+Not on the request path: a plain asyncio streams server is enough. Requests
+are parsed with httptools (as the front side is): a malformed request, a
+negative or conflicting Content-Length is answered 400; a request not
+received within ``REQUEST_TIMEOUT`` gets 408.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import httptools
+
 Reply = tuple[int, Any]
 Handler = Callable[[str, str, dict[str, str]], Awaitable[Reply]]
 
 MAX_HEAD = 16384
 MAX_BODY = 65536
+# The whole request (head and body) must arrive within this.
+REQUEST_TIMEOUT = 10.0
 REASONS = {
     200: "OK",
     202: "Accepted",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
 }
 
@@ -78,6 +89,81 @@ def peer_allowed(sock: socket.socket | None, group_gid: int | None) -> bool:
     return group_gid is not None and (gid == group_gid or group_gid in _peer_groups(pid))
 
 
+class _AdminRequest:
+    """httptools callbacks collecting one admin request."""
+
+    __slots__ = ("body", "complete", "head_bytes", "headers_done", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.body = bytearray()
+        self.head_bytes = 0
+        self.headers_done = False
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD:
+            raise _Refused(431, "request head too large")
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body) + len(body) > MAX_BODY:
+            raise _Refused(413, "body too large")
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_request(reader: asyncio.StreamReader, timeout: float) -> tuple[str, str] | None:
+    """(method, target) of one request; None when the client left; _Refused when bad."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    req = _AdminRequest()
+    parser = httptools.HttpRequestParser(req)
+    got = False
+    while not req.complete:
+        remaining = deadline - loop.time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            data = await asyncio.wait_for(reader.read(65536), remaining)
+        except TimeoutError:
+            if not got:
+                return None
+            raise _Refused(408, "request not received in time") from None
+        if not data:
+            return None
+        got = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Refused):
+                raise cause from None
+            raise _Refused(400, "malformed request") from None
+        except httptools.HttpParserUpgrade:
+            raise _Refused(400, "upgrade not supported") from None
+        except httptools.HttpParserError as exc:
+            raise _Refused(400, f"malformed request: {exc}") from None
+        if not req.headers_done and req.head_bytes > MAX_HEAD:
+            raise _Refused(431, "request head too large")
+    return parser.get_method().decode("ascii", "replace"), req.url.decode("latin-1")
+
+
 async def _handle(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -87,25 +173,14 @@ async def _handle(
     allowed = peer_allowed(writer.get_extra_info("socket"), group_gid)
     try:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            got = await _read_request(reader, REQUEST_TIMEOUT)
+        except _Refused as exc:
+            writer.write(_encode(exc.status, {"error": str(exc)}))
+            await writer.drain()
             return
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split()
-        if len(parts) != 3:
-            writer.write(_encode(400, {"error": "malformed request line"}))
+        if got is None:
             return
-        method, target = parts[0], parts[1]
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip() or 0)
-        if length > MAX_BODY:
-            writer.write(_encode(400, {"error": "body too large"}))
-            return
-        if length:
-            await reader.readexactly(length)
+        method, target = got
         if not allowed:
             # Answered after reading the request, so the client sees the
             # refusal rather than a broken pipe.

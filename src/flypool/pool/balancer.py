@@ -14,7 +14,9 @@ def pick(workers: Sequence[Worker], concurrency: int, exclude: object = None) ->
 
     Ties go to the newest generation (a release being rolled out gets traffic
     at once, so a bad release shows its errors early), then to the worker idle
-    longest. ``concurrency`` 0 means unlimited. ``exclude`` is a worker (or a
+    longest. Elastic extras (beyond ``workers``) lose every tie, so when the
+    load drops they are the ones that fall idle and get drained (SPEC §10).
+    ``concurrency`` 0 means unlimited. ``exclude`` is a worker (or a
     container of workers) already tried for this request.
     """
     best: Worker | None = None
@@ -32,6 +34,9 @@ def pick(workers: Sequence[Worker], concurrency: int, exclude: object = None) ->
             continue
         if w.inflight != best.inflight:
             if w.inflight < best.inflight:
+                best = w
+        elif w.extra is not best.extra:
+            if best.extra:
                 best = w
         elif w.generation != best.generation:
             if w.generation > best.generation:

@@ -59,11 +59,11 @@ class Sampler:
 
 
 async def run_sampler(
-    interval: float,
+    interval: Callable[[], float],
     workers: Callable[[], Iterable[Worker]],
     on_sample: Callable[[list[Sample]], None],
 ) -> None:
-    """Sample every ``interval`` seconds until cancelled."""
+    """Sample every ``interval()`` seconds until cancelled (measurement, not a wait)."""
     sampler = Sampler()
     loop = asyncio.get_running_loop()
     while True:
@@ -71,6 +71,7 @@ async def run_sampler(
         samples = await loop.run_in_executor(None, sampler.sample, snapshot)
         for w, cpu, rss in samples:
             w.cpu_percent = round(cpu, 1)
-            w.rss_bytes = rss
+            if rss:
+                w.rss_bytes = rss
         on_sample(samples)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval())

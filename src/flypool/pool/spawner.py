@@ -17,10 +17,10 @@ import shutil
 import signal
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from flypool.config import AppConfig
-from flypool.pool.worker import Worker, WorkerState
+from flypool.pool.worker import Worker
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -33,6 +33,34 @@ MAX_SOCKET_PATH = 107
 
 class SpawnError(Exception):
     """The worker could not be started or never became ready."""
+
+
+class ProcessHandle(Protocol):
+    """What the controller needs of a worker process, however it was started."""
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid."""
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once it exited, else None."""
+
+    async def wait(self) -> int:
+        """Wait for the exit; the code (negative: killed by that signal)."""
+
+
+class Launcher(Protocol):
+    """One way of starting a worker process: the spawn step of the controller.
+
+    ``start`` fills in ``w.pid``, ``w.proc``, ``w.spawn`` and the output
+    readers (``w.pumps``, ``w.output_fds``), and returns once the process
+    exists; readiness is probed by the controller. A preloader (SPEC §11)
+    is another Launcher.
+    """
+
+    async def start(self, cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> ProcessHandle:
+        """Start the worker's process; raise SpawnError when it cannot be started."""
 
 
 def resolve_release(root: str) -> str:
@@ -142,6 +170,14 @@ def build_env(cfg: AppConfig, number: int, address: str) -> dict[str, str]:
     return env
 
 
+class ColdLauncher:
+    """fork+exec of the app's command (the default spawn mode)."""
+
+    async def start(self, cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> ProcessHandle:
+        """Exec the worker; see :func:`start`."""
+        return await start(cfg, w, log)
+
+
 async def start(cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> asyncio.subprocess.Process:
     """Exec the worker; its output is read and logged by background tasks."""
     if w.address.startswith("/"):
@@ -177,6 +213,7 @@ async def start(cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> asyncio
         os.close(err_w)
     w.proc = proc
     w.pid = proc.pid
+    w.spawn = "cold"
     await follow_output(w, out_r, err_r, cfg.name, log)
     return proc
 
@@ -194,6 +231,7 @@ async def follow_output(
             os.fdopen(fd, "rb", 0),
         )
         task = loop.create_task(_pump(reader, name, w, app, log))
+        w.pumps.append(task)
         # uvloop does not close a read pipe at EOF: close it, or every exited
         # worker would leave two descriptors behind.
         task.add_done_callback(_closer(transport))
@@ -287,11 +325,19 @@ async def _probe(cfg: AppConfig, address: str) -> bool:
             await writer.wait_closed()
 
 
-async def wait_ready(cfg: AppConfig, w: Worker, proc: asyncio.subprocess.Process) -> None:
-    """Return once the worker is ready; raise SpawnError when it exits or times out."""
+async def wait_ready(
+    cfg: AppConfig, w: Worker, proc: ProcessHandle, deadline: float | None = None
+) -> None:
+    """Return once the worker is ready; raise SpawnError when it exits or times out.
+
+    A worker's socket appearing has no event to wait for, so this probes:
+    every 2 ms at first, then every 10 ms (a missing Unix socket costs one
+    failed connect), so a ready worker is noticed within 10 ms.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + cfg.start_timeout
-    delay = 0.005
+    if deadline is None:
+        deadline = loop.time() + cfg.start_timeout
+    delay = 0.002
     while True:
         if proc.returncode is not None:
             raise SpawnError(f"exited with status {describe_exit(proc.returncode)} before ready")
@@ -301,10 +347,10 @@ async def wait_ready(cfg: AppConfig, w: Worker, proc: asyncio.subprocess.Process
             what = f"GET {cfg.ready_path} did not answer 2xx" if cfg.ready_path else "no listener"
             raise SpawnError(f"not ready within start_timeout {cfg.start_timeout:g}s ({what})")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.01)
 
 
-def _running(proc: asyncio.subprocess.Process) -> bool:
+def _running(proc: ProcessHandle) -> bool:
     # A separate call so the type checker doesn't assume returncode is unchanged.
     return proc.returncode is None
 
@@ -319,7 +365,10 @@ def describe_exit(code: int) -> str:
     return str(code)
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the worker's process group (its children too); ignore a gone process."""
+    if pid <= 0:
+        return
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
@@ -327,25 +376,6 @@ def _signal_group(pid: int, sig: int) -> None:
     except PermissionError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-
-
-async def stop(w: Worker, sig: int, timeout: float, log: FilteringBoundLogger) -> None:
-    """Signal the worker's process group, then SIGKILL it after ``timeout``."""
-    proc: Any = w.proc
-    if w.state is not WorkerState.EXITED:
-        w.transition(WorkerState.STOPPING)
-    if proc is None or proc.returncode is not None:
-        return
-    log.info("stopping worker", pid=w.pid, signal=signal.Signals(sig).name)
-    _signal_group(w.pid, sig)
-    try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
-    except TimeoutError:
-        log.warning("worker ignored stop signal; killing", pid=w.pid, timeout=timeout)
-        _signal_group(w.pid, signal.SIGKILL)
-        await proc.wait()
-    # Children of the worker that outlived it (same process group).
-    _signal_group(w.pid, signal.SIGKILL)
 
 
 def cleanup_socket(w: Worker) -> None:

@@ -1,0 +1,127 @@
+"""The elastic pool (SPEC §10): between ``workers`` and ``max_workers``.
+
+Up: one more worker when requests waited in the queue more than 100 ms at the
+95th percentile over the last 5 s (at most one spawn in flight; when the
+queue is full it does not wait for fresh evidence after the previous step).
+Down: one fewer when a worker has served nothing for ``worker_idle_time``;
+the controller then drains the worker idle longest, like a restart drains,
+so no request fails.
+
+The window counts, per second, the requests that left the queue and those
+of them that waited over 100 ms: "p95 > 100 ms" is "more than 5 % waited
+over 100 ms". Recording a wait is two integer updates, no allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flypool.pool.worker import Worker
+
+SLOW_WAIT = 0.1
+WINDOW_S = 5
+# Fewer samples than this are no evidence of queueing.
+MIN_SAMPLES = 5
+
+
+class QueueWaitWindow:
+    """Queue waits over the last ``WINDOW_S`` seconds, in one-second buckets."""
+
+    __slots__ = ("_sec", "_slow", "_total")
+
+    def __init__(self) -> None:
+        self._sec = [-1] * WINDOW_S
+        self._total = [0] * WINDOW_S
+        self._slow = [0] * WINDOW_S
+
+    def add(self, now: float, wait: float) -> None:
+        """Record one request's queue wait (0 for one that never queued)."""
+        sec = int(now)
+        i = sec % WINDOW_S
+        if self._sec[i] != sec:
+            self._sec[i] = sec
+            self._total[i] = 0
+            self._slow[i] = 0
+        self._total[i] += 1
+        if wait > SLOW_WAIT:
+            self._slow[i] += 1
+
+    def counts(self, now: float, since: float = 0.0) -> tuple[int, int]:
+        """(requests, requests that waited > 100 ms) in the window, not before ``since``."""
+        sec = int(now)
+        first = max(sec - WINDOW_S + 1, int(since) + 1 if since else 0)
+        total = slow = 0
+        for i in range(WINDOW_S):
+            s = self._sec[i]
+            if first <= s <= sec:
+                total += self._total[i]
+                slow += self._slow[i]
+        return total, slow
+
+    def p95_slow(self, now: float, since: float = 0.0) -> bool:
+        """True when the 95th percentile of queue wait is over 100 ms."""
+        total, slow = self.counts(now, since)
+        return total >= MIN_SAMPLES and slow * 20 > total
+
+
+class Elastic:
+    """Decides one step up or down for one app."""
+
+    def __init__(self, floor: int, ceiling: int, idle_time: float) -> None:
+        self.floor = floor
+        self.ceiling = ceiling
+        self.idle_time = idle_time
+        self.window = QueueWaitWindow()
+        self.last_up = 0.0
+        self.ups = 0
+        self.downs = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the pool may grow beyond ``workers`` at all."""
+        return self.ceiling > self.floor
+
+    def configure(self, floor: int, ceiling: int, idle_time: float) -> None:
+        """New limits (reload, scale)."""
+        self.floor = floor
+        self.ceiling = ceiling
+        self.idle_time = idle_time
+
+    def step(
+        self,
+        now: float,
+        target: int,
+        spawning: int,
+        ready: Sequence[Worker],
+        queued: int,
+        queue_full: bool,
+    ) -> int:
+        """+1, -1 or 0: the change of target the evidence asks for."""
+        if target < self.ceiling and spawning == 0:
+            since = 0.0 if queue_full else self.last_up
+            if queue_full or self.window.p95_slow(now, since):
+                self.last_up = now
+                self.ups += 1
+                return 1
+        if target > self.floor and not queued and self.idle_worker(now, ready) is not None:
+            self.downs += 1
+            return -1
+        return 0
+
+    def idle_worker(self, now: float, ready: Sequence[Worker]) -> Worker | None:
+        """The worker idle longest, if it has been idle ``worker_idle_time``."""
+        best: Worker | None = None
+        for w in ready:
+            if w.inflight or now - w.last_used < self.idle_time:
+                continue
+            if best is None or w.last_used < best.last_used:
+                best = w
+        return best
+
+    def next_check(self, now: float, ready: Sequence[Worker]) -> float:
+        """When a ready worker could next have been idle long enough."""
+        soonest = now + self.idle_time
+        for w in ready:
+            if not w.inflight:
+                soonest = min(soonest, w.last_used + self.idle_time)
+        return max(soonest, now + 0.01)
