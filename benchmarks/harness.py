@@ -337,10 +337,12 @@ def start_server(name: str, argv: Sequence[Any], addr: str, *, cwd: Path | None 
     server = Server(name, proc, addr, tmp, match=match, env=env)
     try:
         wait_http(addr, ready, timeout, alive=proc.exited)
-    except BaseException:
+    except BaseException as err:
         tail = proc.tail()
         server.stop()
-        raise BenchError(f"{name} did not come up; its log ends with:\n{tail}") from None
+        if not isinstance(err, BenchError):  # Ctrl-C, SIGTERM: stopped, and passed on
+            raise
+        raise BenchError(f"{name} did not come up: {err}; its log ends with:\n{tail}") from None
     return server
 
 
@@ -550,10 +552,12 @@ def start_flypool(command: Sequence[Any], *, workers: int = 1, listen: Sequence[
     try:
         fp.wait_ready(workers, timeout)
         wait_http(listen[0], "/", timeout, alive=fp.proc.exited)
-    except BaseException:
+    except BaseException as err:
         tail = fp.proc.tail()
         fp.stop()
-        raise BenchError(f"flypool did not come up; its log ends with:\n{tail}") from None
+        if not isinstance(err, BenchError):
+            raise
+        raise BenchError(f"flypool did not come up: {err}; its log ends with:\n{tail}") from None
     return fp
 
 
