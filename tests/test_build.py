@@ -323,3 +323,26 @@ def test_wheel_with_a_compiler_carries_the_twins(tmp_path: Path) -> None:
     lines = _run_from_wheel(wheel, tmp_path, _REPORT).splitlines()
     assert lines[0].startswith(str(tmp_path / "unpacked"))
     assert lines[1:] == ["compiled", "compiled (mypyc)"]
+
+
+def test_status_and_version_say_which_implementation_runs() -> None:
+    """`GET /status` carries the choice, `flypool status` shows it, `--version` names it."""
+    from flypool.status import build_status
+    from flypool.status_view import render_status
+
+    status = build_status([], started_at=0.0, now=1.0, instance="/run/x.sock")
+    assert status["hot_path"] == _impl.describe()
+    assert f"Version : {status['version']}, hot path {_impl.describe()}" in render_status(status)
+    for value in ("pure", None):
+        env = {k: v for k, v in os.environ.items() if k != _impl.ENV}
+        if value is not None:
+            env[_impl.ENV] = value
+        done = subprocess.run(
+            [sys.executable, "-m", "flypool", "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        expected = "pure-Python hot path" if value == "pure" else _impl.summary()
+        assert done.stdout.strip().endswith(f"({expected})"), done.stdout

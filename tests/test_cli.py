@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from flypool import __version__, cli
+from flypool import __version__, _impl, cli
 from flypool.admin.client import (
     DEFAULT_ADMIN_SOCKET,
     AdminClient,
@@ -257,7 +257,7 @@ needs_config = pytest.mark.skipif(not has_real_config(), reason="flypool.config 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     """`flypool --version` prints the package version and exits 0."""
     assert cli.main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"flypool {__version__}"
+    assert capsys.readouterr().out.strip() == f"flypool {__version__} ({_impl.summary()})"
 
 
 @pytest.mark.parametrize(

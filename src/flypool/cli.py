@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
-from flypool import __version__
+from flypool import __version__, _impl
 from flypool.admin.client import (
     AdminClient,
     AdminResponse,
@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flypool",
         description="A process supervisor for web applications with zero-downtime restarts.",
     )
-    parser.add_argument("--version", action="version", version=f"flypool {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"flypool {__version__} ({_impl.summary()})"
+    )
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     common = _client_options()
 
@@ -369,8 +371,60 @@ def _progress_line(name: str, app: Mapping[str, Any]) -> str:
     restart = app.get("restart")
     if isinstance(restart, dict):
         done, total = restart.get("done", 0), restart.get("total", 0)
-        return f"{name}: {restart.get('mode', '')} restart {done}/{total} replaced"
+        return _step_line(name, str(restart.get("mode", "")), done, total)
     return f"{name}: restart pending"
+
+
+def _step_line(name: str, mode: str, done: object, total: object) -> str:
+    return f"{name}: {mode} restart {done}/{total} replaced"
+
+
+class _Progress:
+    """Prints every step of one app's restart once, from what each poll shows.
+
+    A poll may see several steps at once (a batch, or a slow poll): each one
+    still gets its line, and a completed restart ends with ``N/N``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.line = ""
+        self.done: int | None = None
+        self.mode = ""
+        self.total: object = 0
+
+    def running(self, app: Mapping[str, Any]) -> None:
+        restart = app.get("restart")
+        if not isinstance(restart, dict):
+            self._say(_progress_line(self.name, app))
+            return
+        done = restart.get("done", 0)
+        self.mode = str(restart.get("mode", ""))
+        self.total = restart.get("total", 0)
+        if not isinstance(done, int):
+            self._say(_progress_line(self.name, app))
+            return
+        first = 0 if done == 0 else 1
+        start = first if self.done is None else self.done + 1
+        for k in range(start, done + 1):
+            self._say(_step_line(self.name, self.mode, k, self.total))
+        if self.done is None or done >= self.done:
+            self.done = done
+        self._say(_progress_line(self.name, app))
+
+    def completed(self, last: Mapping[str, Any]) -> None:
+        replaced, total = last.get("replaced"), last.get("total")
+        if not isinstance(replaced, int) or not isinstance(total, int):
+            return
+        mode = str(last.get("mode", self.mode))
+        start = 1 if self.done is None else self.done + 1
+        for k in range(start, replaced + 1):
+            self._say(_step_line(self.name, mode, k, total))
+
+    def _say(self, line: str) -> None:
+        if line != self.line:
+            _say(line)
+            self.line = line
 
 
 def _deployment_error_lines(app: Mapping[str, Any]) -> list[str]:
@@ -387,7 +441,9 @@ def _deployment_error_lines(app: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _restart_outcome(name: str, app: Mapping[str, Any], restart_id: int) -> bool | None:
+def _restart_outcome(
+    name: str, app: Mapping[str, Any], restart_id: int, progress: _Progress | None = None
+) -> bool | None:
     """Report a finished restart and return whether it succeeded; None while it runs.
 
     Restarts are coalesced, so any finished restart with an id at least ours
@@ -402,6 +458,8 @@ def _restart_outcome(name: str, app: Mapping[str, Any], restart_id: int) -> bool
     if not isinstance(last_id, int) or last_id < restart_id:
         return None
     if last.get("outcome") == "completed":
+        if progress is not None:
+            progress.completed(last)
         duration = last.get("duration_s")
         took = f" in {duration:.1f}s" if isinstance(duration, int | float) else ""
         if app.get("deployment_error") is None:
@@ -430,7 +488,7 @@ def _wait_for_restarts(
     """
     deadline = time.monotonic() + timeout
     pending = dict(requested)
-    shown: dict[str, str] = {}
+    progress = {name: _Progress(name) for name in requested}
     all_ok = True
     while True:
         status = _get_status(client)
@@ -443,12 +501,9 @@ def _wait_for_restarts(
                 all_ok = False
                 del pending[name]
                 continue
-            outcome = _restart_outcome(name, app, restart_id)
+            outcome = _restart_outcome(name, app, restart_id, progress[name])
             if outcome is None:
-                line = _progress_line(name, app)
-                if shown.get(name) != line:
-                    _say(line)
-                    shown[name] = line
+                progress[name].running(app)
                 continue
             all_ok = all_ok and outcome
             del pending[name]

@@ -6,7 +6,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from flypool import __version__
+from flypool import __version__, _impl
 
 if TYPE_CHECKING:
     from flypool.pool.app import AppPool
@@ -75,6 +75,7 @@ def build_status(
     """The whole document returned by ``GET /status``."""
     return {
         "version": __version__,
+        "hot_path": _impl.describe(),
         "pid": os.getpid(),
         "instance": instance,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),

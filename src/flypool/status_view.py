@@ -96,8 +96,11 @@ def _render_header(status: Mapping[str, Any], now: datetime) -> list[str]:
     date = status.get("date")
     if not isinstance(date, str) or not date:
         date = now.strftime("%Y-%m-%d %H:%M:%S %z").rstrip()
+    version = _str(status.get("version"))
+    if status.get("hot_path"):
+        version += f", hot path {status['hot_path']}"
     return [
-        f"Version : {_str(status.get('version'))}",
+        f"Version : {version}",
         f"Date    : {date}",
         f"Instance: {instance}",
     ]
