@@ -493,6 +493,27 @@ def test_restart_wait_reports_progress_until_completed(
     assert fake.status_requests == 5
 
 
+def test_restart_wait_prints_every_step_and_ends_with_n_of_n(
+    fake: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Steps a poll did not see (a batch, a slow poll) still get their line; N/N at the end."""
+    fake.route("POST", "/apps/blog/restart", (202, {"app": "blog", "restart_id": 7}))
+    fake.statuses = [
+        status_doc(app_status(restart=rolling(1, 4))),
+        status_doc(app_status(restart=rolling(3, 4))),
+        status_doc(app_status(last_restart=finished(7, replaced=4, total=4))),
+    ]
+    assert run_cli(fake, "restart", "blog", "--wait") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "blog: restart requested (id 7)",
+        "blog: rolling restart 1/4 replaced",
+        "blog: rolling restart 2/4 replaced",
+        "blog: rolling restart 3/4 replaced",
+        "blog: rolling restart 4/4 replaced",
+        "blog: restart completed in 4.2s",
+    ]
+
+
 def test_restart_wait_accepts_a_coalesced_later_restart(
     fake: FakeDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:
