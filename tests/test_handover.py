@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.support import LoadGen, eventually, get, running_daemon
+from tests.support import LoadGen, eventually, get, raw_request, running_daemon
 
 
 def test_usr2_keeps_workers_and_loses_no_request() -> None:
@@ -24,7 +24,9 @@ def test_usr2_keeps_workers_and_loses_no_request() -> None:
         assert set(after) == set(before)  # no worker restarted
         assert all(after[p] > before[p] for p in before)
         # Worker output still reaches the (new) daemon's log.
-        assert get(d.front, "/crash")[0] == 502
+        # POST: never retried (SPEC §6), so exactly one worker dies.
+        crash = b"POST /crash HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        assert raw_request(d.front, crash).startswith(b"HTTP/1.1 502")
         eventually(lambda: "worker exited unexpectedly" in d.log(), 10, what="crash noticed")
         d.wait_ready(3)  # an adopted worker's death is seen (pidfd) and its slot refilled
         # Restarts and a second hand-over work on adopted workers too.

@@ -270,8 +270,8 @@ def chunked(body: bytes) -> bytes:
 
 
 def headers_echo(*pairs: tuple[str, str]) -> Expect:
-    """Forwarded: the worker sees exactly Host, ``pairs`` and Connection: close."""
-    return Expect(echo={"headers": [["Host", "x"], *map(list, pairs), ["Connection", "close"]]})
+    """Forwarded: the worker sees exactly Host and ``pairs`` (Connection is hop-by-hop)."""
+    return Expect(echo={"headers": [["Host", "x"], *map(list, pairs)]})
 
 
 def get_headers(extra: bytes) -> bytes:
@@ -326,7 +326,7 @@ CASES = [
     pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", REJECT, id="http2-preface"),
     pytest.param(
         b"\r\nGET /headers HTTP/1.1\r\n" + HOST + CLOSE + b"\r\n",
-        Expect(echo={"target": "/headers", "headers": [["Host", "x"], ["Connection", "close"]]}),
+        Expect(echo={"target": "/headers", "headers": [["Host", "x"]]}),
         id="one-leading-empty-line",
     ),
     pytest.param(
@@ -355,7 +355,7 @@ CASES = [
     pytest.param(get_headers(b"X-A: a\tb\r\n"), headers_echo(("X-A", "a\tb")), id="tab-in-value"),
     pytest.param(
         b"GET /headers HTTP/1.1\r\n" + CLOSE + b"\r\n",
-        Expect(echo={"headers": [["Connection", "close"]]}),
+        Expect(echo={"headers": []}),
         id="missing-host",
     ),
     # Framing: Content-Length.
@@ -479,6 +479,58 @@ CASES = [
         Expect(worker=(200,)),
         id="asterisk-form",
     ),
+    # Issue 9 §2 i: strictness where ambiguity could reach a worker (SPEC §9).
+    pytest.param(b"GET * HTTP/1.1\r\n" + HOST + CLOSE + b"\r\n", REJECT, id="asterisk-get"),
+    pytest.param(b"POST * HTTP/1.1\r\n" + HOST + CLOSE + b"\r\n", REJECT, id="asterisk-post"),
+    pytest.param(get_headers(b"Host: y\r\n"), REJECT, id="two-hosts"),
+    pytest.param(get_headers(b"host: x\r\n"), REJECT, id="two-hosts-same-value"),
+    pytest.param(get_headers(b"X-A: a\x07b\r\n"), REJECT, id="bel-in-value"),
+    pytest.param(get_headers(b"X-A: \x7f\r\n"), REJECT, id="del-in-value-alone"),
+    pytest.param(
+        post(b"Content-Length: 3\r\nTransfer_Encoding: chunked\r\n", b"abc"),
+        Expect(echo={"body_bytes": 3, "headers": [["Host", "x"], ["Content-Length", "3"]]}),
+        id="underscore-transfer-encoding-dropped",
+    ),
+    pytest.param(
+        post(b"Content_Length: 5\r\n", b""),
+        Expect(echo={"body_bytes": 0, "headers": [["Host", "x"]]}),
+        id="underscore-content-length-dropped",
+    ),
+    pytest.param(
+        get_headers(b"X_Custom: 1\r\nX-Ok: 2\r\n"),
+        headers_echo(("X-Ok", "2")),
+        id="underscore-name-dropped",
+    ),
+    pytest.param(
+        get_headers(
+            b"Connection: X-Secret, Keep-Alive\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n"
+            b"TE: trailers\r\nProxy-Connection: keep-alive\r\nX-Kept: 2\r\n"
+        ),
+        headers_echo(("X-Kept", "2")),
+        id="hop-by-hop-not-forwarded",
+    ),
+    pytest.param(
+        get_headers(b"Upgrade: h2c\r\nX-Kept: 2\r\n"),
+        headers_echo(("X-Kept", "2")),
+        id="upgrade-without-connection-not-forwarded",
+    ),
+    pytest.param(
+        chunked(b"5; a; b=c\r\nhello\r\n0\r\n\r\n"),
+        Expect(echo={"body_bytes": 5}),
+        id="chunk-ext-list-with-spaces",
+    ),
+    pytest.param(
+        chunked(b"5 ; a=b\r\nhello\r\n0\r\n\r\n"),
+        Expect(echo={"body_bytes": 5}),
+        id="chunk-ext-space-before-semicolon",
+    ),
+    pytest.param(
+        chunked(b'5;a="q \\" s"\r\nhello\r\n0\r\n\r\n'),
+        Expect(echo={"body_bytes": 5}),
+        id="chunk-ext-quoted",
+    ),
+    pytest.param(chunked(b"5;\r\nhello\r\n0\r\n\r\n"), REJECT, id="chunk-ext-empty"),
+    pytest.param(chunked(b"5; =b\r\nhello\r\n0\r\n\r\n"), REJECT, id="chunk-ext-no-name"),
 ]
 
 
@@ -687,6 +739,31 @@ def test_request_then_half_close_is_answered(d: Daemon) -> None:
     """A complete request followed by a half-close (SHUT_WR) still gets its answer."""
     ex = exchange(d.front, b"GET /headers?n=1&delay=0.1 HTTP/1.1\r\nHost: x\r\n\r\n", eof=True)
     assert [r.status for r in ex.finals] == [200], ex
+    assert ex.closed, ex
+
+
+def test_half_close_answers_a_pipelined_request_sent_while_the_first_is_in_flight(
+    d: Daemon,
+) -> None:
+    """Two requests, the second sent while the first is with a worker, then SHUT_WR: two answers."""
+    before = processed(d)
+    with connect(d.front) as s:
+        s.sendall(b"GET /headers?n=1&delay=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        eventually(lambda: sessions(d) >= 1, 2.0, what="first request with a worker")
+        s.sendall(b"GET /headers?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        raw, closed = read(s, 5.0)
+    got = parse_responses(raw)
+    assert [r.echo()["target"] for r in got] == ["/headers?n=1&delay=0.5", "/headers?n=2"], raw
+    assert closed
+    assert processed(d) - before == 2
+
+
+def test_half_close_after_three_pipelined_requests_in_one_write(d: Daemon) -> None:
+    """Three pipelined GETs and SHUT_WR in one go: all three answered in order, then close."""
+    data = b"".join(b"GET /headers?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in (1, 2, 3))
+    ex = exchange(d.front, data, timeout=5.0, eof=True)
+    assert [r.echo()["target"] for r in ex.finals] == [f"/headers?n={n}" for n in (1, 2, 3)], ex
     assert ex.closed, ex
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import eventually, get, running_daemon, short_dir
+from tests.support import eventually, get, raw_request, running_daemon, short_dir
 
 
 def test_usr1_reopens_the_log_file_like_logrotate() -> None:
@@ -24,7 +24,9 @@ def test_usr1_reopens_the_log_file_like_logrotate() -> None:
         eventually(
             lambda: log.exists() and "log file reopened" in log.read_text(), 10, what="new log file"
         )
-        assert get(d.front, "/crash")[0] == 502  # makes the daemon log a few lines
+        # POST: never retried (SPEC §6), so exactly one worker dies.
+        crash = b"POST /crash HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        assert raw_request(d.front, crash).startswith(b"HTTP/1.1 502")
         eventually(
             lambda: "worker exited unexpectedly" in log.read_text(),
             10,

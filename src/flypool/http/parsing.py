@@ -15,6 +15,7 @@ RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 REASONS: dict[int, bytes] = {
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
@@ -54,14 +55,41 @@ def simple_response(
 
 
 def build_request_head(
-    method: bytes, target: bytes, version: bytes, headers: Iterable[tuple[bytes, bytes]]
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    extra: bytes = b"",
 ) -> bytes:
-    """Serialise a request head; used when the raw bytes of the head are not at hand."""
+    """Serialise a request head from its parts; ``extra`` is whole header lines to add.
+
+    Used when the head the client sent must change on its way to the worker
+    (hop-by-hop headers, underscored names, ``X-Forwarded-For``).
+    """
     parts = [method, b" ", target, b" HTTP/", version, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
+    parts += (extra, b"\r\n")
     return b"".join(parts)
+
+
+# Request headers that describe one hop, never forwarded (RFC 9110 §7.6.1),
+# besides the names a Connection header lists.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"proxy-connection", b"upgrade"})
+# Names a WSGI/CGI server would fold an underscored alias into: never forwarded
+# with underscores, whatever underscores_in_headers says.
+FRAMING_ALIASES = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """The lower-case option names listed in Connection header values."""
+    out: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                out.add(token)
+    return out
 
 
 def build_response_head(
@@ -97,7 +125,3 @@ def target_path(target: bytes) -> bytes:
     """The path part of a request target (query dropped)."""
     q = target.find(b"?")
     return target if q < 0 else target[:q]
-
-
-# Methods a proxy may safely resend (RFC 9110 §9.2.2).
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})

@@ -102,7 +102,10 @@ async def serve(
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return await loop.create_server(
-        lambda: ClientConnection(router, state, loop), sock=sock, backlog=backlog()
+        # proxy_protocol is read at each accept, so a reload applies to new connections.
+        lambda: ClientConnection(router, state, loop, proxy_protocol=router.proxy_protocol),
+        sock=sock,
+        backlog=backlog(),
     )
 
 

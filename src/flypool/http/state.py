@@ -63,7 +63,8 @@ class ClientState(IntEnum):
     DISCARD = 7  # answered before the body ended: reading and dropping the rest
     TUNNEL = 8  # after 101: raw bytes both ways
     CLOSING = 9  # no more requests: flush, read and drop for a while (lingering close)
-    CLOSED = 10
+    FROZEN = 10  # idle and no longer read: handed over to the next image (USR2)
+    CLOSED = 11
 
 
 class ClientEvent(IntEnum):
@@ -82,6 +83,8 @@ class ClientEvent(IntEnum):
     CUT = 10  # close now (timeout, broken answer, shutdown of an idle connection)
     EOF = 11  # the client shut its write side while we wait for its bytes
     LOST = 12  # the connection is gone
+    FREEZE = 13  # USR2: an idle connection stops reading for good
+    THAW = 14  # the hand-over failed: read again
 
 
 _C = ClientState
@@ -92,7 +95,7 @@ _GONE: Final = {_CE.CUT: _C.CLOSED, _CE.LOST: _C.CLOSED}
 
 CLIENT_TRANSITIONS: Final[dict[ClientState, dict[ClientEvent, ClientState]]] = {
     _C.PROXY: {_CE.PROXY_DONE: _C.IDLE, _CE.EOF: _C.CLOSED, **_GONE},
-    _C.IDLE: {_CE.HEAD_START: _C.HEAD, _CE.EOF: _C.CLOSED, **_GONE},
+    _C.IDLE: {_CE.HEAD_START: _C.HEAD, _CE.FREEZE: _C.FROZEN, _CE.EOF: _C.CLOSED, **_GONE},
     _C.HEAD: {
         _CE.HEAD_BODY: _C.BODY,
         _CE.HEAD_END: _C.WAITING,
@@ -126,6 +129,7 @@ CLIENT_TRANSITIONS: Final[dict[ClientState, dict[ClientEvent, ClientState]]] = {
     _C.DISCARD: {_CE.BODY_END: _C.IDLE, _CE.EOF: _C.CLOSED, **_GONE},
     _C.TUNNEL: {_CE.EOF: _C.CLOSED, **_GONE},
     _C.CLOSING: {_CE.EOF: _C.CLOSED, **_GONE},
+    _C.FROZEN: {_CE.THAW: _C.IDLE, **_GONE},
     _C.CLOSED: {},
 }
 
@@ -151,6 +155,7 @@ CLIENT_TIMER: Final[tuple[Timer, ...]] = (
     Timer.LINGER,  # DISCARD
     Timer.NONE,  # TUNNEL
     Timer.LINGER,  # CLOSING
+    Timer.NONE,  # FROZEN
     Timer.NONE,  # CLOSED
 )
 
@@ -167,6 +172,7 @@ CLIENT_READS: Final[tuple[bool, ...]] = (
     True,  # DISCARD
     True,  # TUNNEL (relayed, not parsed)
     True,  # CLOSING (dropped)
+    False,  # FROZEN
     False,  # CLOSED
 )
 

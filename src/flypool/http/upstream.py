@@ -1,30 +1,81 @@
-"""The connection from the daemon to one worker: relays one response at a time.
+"""The connection from the daemon to one worker: relays one answer at a time.
 
-The response is parsed with httptools only to find where it ends; its bytes
-are passed to the client unchanged when possible. The head is rebuilt only
-when the worker's connection headers must not reach the client (a worker
-that closes after every response must not make the client close too).
+The answer is parsed with httptools only to find where it ends; its bytes
+are passed to the client unchanged when possible (one write per read). The
+head is rebuilt only when the worker's connection headers must not reach the
+client (a worker that closes after every answer must not make the client
+close too).
+
+The connection's life is :class:`~flypool.http.state.UpstreamState`; every
+change goes through :func:`~flypool.http.state.upstream_next`. When the
+connection fails, it reports *how* (:class:`~flypool.http.retry.Failure`,
+read from the socket: EPIPE, ECONNRESET or a clean close, with or without
+answer bytes) to its owner, the router, which applies the retry policy.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from flypool.http.parsing import LAST_CHUNK, build_response_head, chunk
+from flypool.http.retry import Failure
+from flypool.http.state import UpstreamEvent, UpstreamState, upstream_next
 from flypool.pool.worker import WorkerState
 
 if TYPE_CHECKING:
     from flypool.http.request import Request
-    from flypool.http.router import Router
     from flypool.pool.worker import Worker
 
 _READY = WorkerState.READY
+_U = UpstreamState
+_UE = UpstreamEvent
 _REWRITE = 1  # the worker sent connection headers that are not for the client
 _CHUNKED = 2
 _LENGTH = 4
+
+
+class Counters(Protocol):
+    """The router's status counters."""
+
+    by_class: list[int]
+
+
+class Owner(Protocol):
+    """What a worker connection reports to (``router.Router``)."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop."""
+
+    @property
+    def stats(self) -> Counters:
+        """Status counters."""
+
+    def answer_end(self, req: Request, up: UpstreamConnection, status: int) -> None:
+        """The answer to ``req`` is complete."""
+
+    def upstream_failed(
+        self, req: Request, up: UpstreamConnection, failure: Failure, why: str
+    ) -> None:
+        """The connection broke before the answer ended."""
+
+    def upgraded(self, req: Request, up: UpstreamConnection, rest: bytes) -> None:
+        """The worker switched protocols (101)."""
+
+    def tunnel_closed(self, req: Request, up: UpstreamConnection) -> None:
+        """The worker's end of a tunnel closed."""
+
+    def reask(self, req: Request, up: UpstreamConnection, status: int) -> None:
+        """A canary answered 5xx: ask another worker instead."""
+
+    def canary_reaskable(self, req: Request) -> bool:
+        """Whether a canary's 5xx to ``req`` may be asked again elsewhere."""
+
+    def idle_lost(self, up: UpstreamConnection) -> None:
+        """A connection with no request attached closed."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -38,103 +89,167 @@ class UpstreamConnection(asyncio.Protocol):
         "_interim",
         "_out",
         "_raw_ok",
+        "_reask",
         "_reason",
         "_verbatim",
         "complete",
-        "got_bytes",
         "idle_since",
         "must_close",
+        "owner",
         "parser",
         "read_paused",
         "req",
         "reused",
-        "router",
+        "sink",
+        "state",
         "status",
         "transport",
-        "tunnel",
-        "unread",
         "worker",
     )
 
-    def __init__(self, router: Router, worker: Worker) -> None:
-        self.router = router
+    def __init__(self, owner: Owner, worker: Worker) -> None:
+        self.owner = owner
         self.worker = worker
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.state = _U.IDLE
         self.req: Request | None = None
+        # The client's transport while the answer goes to a client (None for
+        # a request whose client left: the answer is read and dropped).
+        self.sink: asyncio.Transport | None = None
         self.reused = False
         self.idle_since = 0.0
-        self.tunnel = False
         self.read_paused = False
-        # Per-response state.
+        # Per-answer state.
         self._headers: list[tuple[bytes, bytes]] = []
         self._flags = 0
         self._reason = b""
         self._interim = False
         self._in_head = False
-        # Forwarding this response's bytes unchanged (see on_headers_complete).
+        self._reask = False
+        # Forwarding this answer's bytes unchanged (see on_headers_complete).
         self._verbatim = False
         self._out: list[bytes] = []
         self._data = b""
         self._raw_ok = False
-        self.got_bytes = False
         self.complete = False
         self.must_close = False
-        self.unread = False
         self.status = 0
 
-    # -- asyncio.Protocol ------------------------------------------------------
+    def _go(self, event: UpstreamEvent) -> None:
+        self.state = upstream_next(self.state, event)
+
+    # -- used by the router and the request ------------------------------------------------------
+
+    def attach(self, req: Request, sink: asyncio.Transport | None, *, reused: bool) -> None:
+        """Start relaying ``req`` on this connection."""
+        self._go(_UE.ATTACH)
+        self.req = req
+        self.sink = sink
+        self.reused = reused
+        self.complete = False
+        self.must_close = False
+        self.status = 0
+        self._reask = False
+        req.upstream = self
+
+    def request_sent(self) -> None:
+        """The last request byte was written: the worker has it all."""
+        if self.state is _U.SENDING or self.state is _U.EARLY:
+            self._go(_UE.SENT)
+            req = self.req
+            if req is not None:
+                # max_request_time counts from here (SPEC §3).
+                req.clock_at = self.owner.loop.time()
+
+    @property
+    def answering(self) -> bool:
+        """Answer bytes have arrived for the attached request."""
+        return self.state is _U.RECEIVING or self.state is _U.EARLY or self.state is _U.TUNNEL
+
+    @property
+    def request_complete(self) -> bool:
+        """Every request byte was written."""
+        return self.state is _U.WAITING or self.state is _U.RECEIVING or self.state is _U.DONE
+
+    def park(self) -> None:
+        """Keep this connection for the worker's next request (it is DONE)."""
+        self.req = None
+        self.sink = None
+        self._go(_UE.PARK)
+        w = self.worker
+        transport = self.transport
+        if transport is None or transport.is_closing() or w.state is not _READY:
+            self.close()
+            return
+        self.idle_since = self.owner.loop.time()
+        if self.read_paused:
+            # Paused for a slow client of the previous request.
+            self.read_paused = False
+            transport.resume_reading()
+        w.idle_conns.append(self)
+
+    def keep(self) -> None:
+        """A new connection no request needs any more: into the worker's pool."""
+        w = self.worker
+        transport = self.transport
+        if (
+            self.state is not _U.IDLE
+            or transport is None
+            or transport.is_closing()
+            or w.state is not _READY
+        ):
+            self.close()
+            return
+        self.idle_since = self.owner.loop.time()
+        w.idle_conns.append(self)
+
+    def close(self) -> None:
+        """Close after pending writes; the connection is not reused."""
+        self.req = None
+        self.sink = None
+        if self.state is not _U.CLOSED:
+            self._go(_UE.ABORT)
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (the request was cut short)."""
+        self.req = None
+        self.sink = None
+        if self.state is not _U.CLOSED:
+            self._go(_UE.ABORT)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        """The client is slow: stop reading the answer."""
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the answer again."""
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=65536)
 
-    def attach(self, req: Request, *, reused: bool) -> None:
-        """Start relaying ``req`` on this connection."""
-        self.req = req
-        self.reused = reused
-        self.got_bytes = False
-        self.complete = False
-        self.must_close = False
-        self.unread = False
-        req.upstream = self
-        req.conn.upstream_attached(req)
-
-    def park(self) -> None:
-        """Keep this connection for reuse by the next request to the worker."""
-        self.req = None
-        w = self.worker
-        if self.transport is None or self.transport.is_closing() or w.state is not _READY:
-            self.close()
-            return
-        self.idle_since = self.router.loop.time()
-        if self.read_paused:
-            # Paused for a slow client of the previous request.
-            self.read_paused = False
-            self.transport.resume_reading()
-        w.idle_conns.append(self)
-
-    def close(self) -> None:
-        """Close without waiting; an attached request is failed by connection_lost."""
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        """Drop the connection now (the client left or the request was cut short)."""
-        self.req = None
-        if self.transport is not None:
-            self.transport.abort()
-
     def pause_writing(self) -> None:
         req = self.req
         if req is not None:
-            req.conn.pause_for_upstream(True)
+            req.upstream_write_paused(True)
 
     def resume_writing(self) -> None:
         req = self.req
         if req is not None:
-            req.conn.pause_for_upstream(False)
+            req.upstream_write_paused(False)
 
     def data_received(self, data: bytes) -> None:
         req = self.req
@@ -142,74 +257,81 @@ class UpstreamConnection(asyncio.Protocol):
             # A worker talking on an idle connection is broken; don't reuse it.
             self.close()
             return
-        client = req.conn.transport
-        if self.tunnel:
-            if client is not None:
-                client.write(data)
+        state = self.state
+        if state is _U.TUNNEL:
+            if self.sink is not None:
+                self.sink.write(data)
             return
-        self.got_bytes = True
+        if state is _U.SENDING or state is _U.WAITING:
+            self._go(_UE.ANSWER)
         self._data = data
         # Raw bytes are usable only when no head is half-read from an earlier read.
         self._raw_ok = not self._in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            off = int(exc.args[0])
-            self._flush(client)
-            self.tunnel = True
-            req.conn.start_tunnel(req, data[off:])
+            self._flush()
+            self._go(_UE.UPGRADE)
+            self.owner.upgraded(req, self, data[int(exc.args[0]) :])
             return
         except httptools.HttpParserError:
-            self._flush(client)
+            self._out.clear()
             self.must_close = True
-            req.conn.upstream_failed(req, self, "invalid response from worker")
+            self.owner.upstream_failed(req, self, Failure.BROKEN, "invalid response from worker")
+            return
+        if self._reask:
+            self._out.clear()
+            self.owner.reask(req, self, self.status)
             return
         if self._verbatim:
-            # Nothing to change in this response: the worker's bytes go out as
+            # Nothing to change in this answer: the worker's bytes go out as
             # they came, one write, no copies.
-            if client is not None and not client.is_closing():
-                client.write(data)
+            if self.sink is not None:
+                self.sink.write(data)
             if self.complete:
                 self._verbatim = False
         else:
-            self._flush(client)
+            self._flush()
         if self.complete:
-            self.complete = False
-            req.conn.response_done(req, self)
+            self._end(req)
 
     def eof_received(self) -> bool | None:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        # EPIPE/ECONNRESET: the worker never read what we sent (it was gone,
-        # or died with our bytes unread). A clean EOF means it may have --
-        # unless our write already found the connection closing (see
-        # ClientConnection._write_pending).
-        self.unread = self.unread or exc is not None
+        state = self.state
         req = self.req
-        if req is None:
-            w = self.worker
-            try:
-                w.idle_conns.remove(self)
-            except ValueError:
-                return  # closed by us (retired, swept)
-            # The worker closed a pooled connection: idle timeout, or it died.
-            # Route around it until a liveness check says which, so requests
-            # don't go to a process that is already gone.
-            self.router.suspect(w)
-            return
         self.req = None
-        if self.tunnel:
-            req.conn.tunnel_closed(req)
+        self.sink = None
+        if state is _U.CLOSED:
+            return
+        self._go(_UE.LOST)
+        if req is None:
+            self.owner.idle_lost(self)
+            return
+        if state is _U.TUNNEL:
+            self.owner.tunnel_closed(req, self)
+        elif state is _U.SENDING or state is _U.WAITING:
+            # No answer byte: what the socket says is what the worker saw.
+            # EPIPE at the first write (or a closing socket) means nothing
+            # was delivered; ECONNRESET means bytes were left unread; a clean
+            # close means the worker read the request and then hung up.
+            if not req.sent_any:
+                failure = Failure.NOT_SENT
+            elif exc is not None:
+                failure = Failure.UNREAD
+            else:
+                failure = Failure.SILENT
+            self.owner.upstream_failed(req, self, failure, "worker closed the connection")
         elif self.status and not self.complete and not (self._flags & (_CHUNKED | _LENGTH)):
-            # A response delimited by the end of the connection: it is complete.
+            # An answer delimited by the end of the connection: it is complete.
             self.must_close = True
-            req.conn.response_done(req, self)
+            self.owner.answer_end(req, self, self.status)
         else:
-            req.conn.upstream_failed(req, self, "worker closed the connection")
+            self.owner.upstream_failed(req, self, Failure.BROKEN, "worker closed the connection")
 
-    # -- parser callbacks ----------------------------------------------------------
+    # -- parser callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -241,26 +363,29 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = False
         parser = self.parser
         status = parser.get_status_code()
-        self.status = status
         flags = self._flags
         if status < 200:
             if status == 101:
+                self.status = status
                 self._emit_head(req, raw=True, connection=b"")
                 return
             self._interim = True
-            self._emit_head(req, raw=not flags & _REWRITE, connection=b"")
-            self.status = 0
+            if req.http10:
+                # An HTTP/1.0 client does not know interim answers (RFC 9110 §15.2).
+                self._raw_ok = False
+            else:
+                self._emit_head(req, raw=not flags & _REWRITE, connection=b"")
             return
-        self.router.stats.by_class[status // 100 if status < 600 else 5] += 1
+        self.status = status
+        if self.worker.canary and status >= 500 and self.owner.canary_reaskable(req):
+            # Not a byte of it goes out: another worker answers instead.
+            self._reask = True
+            return
+        self.owner.stats.by_class[status // 100 if status < 600 else 5] += 1
         bodiless = req.head_request or status == 204 or status == 304
         if not bodiless and not flags & (_CHUNKED | _LENGTH):
             # Ends when the worker closes: the client can't reuse its connection.
             req.keep_alive = False
-        if req.head_request:
-            # llhttp would wait for the body a HEAD response announces but never
-            # sends, so this connection can't be reused for a next response.
-            self.must_close = True
-            self.complete = True
         if not parser.should_keep_alive():
             self.must_close = True
         if req.keep_alive:
@@ -269,14 +394,20 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             conn_value = b"close"
             raw = False
-        if raw and self._raw_ok and not self._out and self._data.startswith(b"HTTP/"):
-            # The whole read starts with this head and nothing in the response
+        if req.head_request:
+            # llhttp would wait for the body a HEAD answer announces but never
+            # sends: the answer ends here (the parser is replaced at the end).
+            self.complete = True
+            self._emit_head(req, raw=raw, connection=conn_value)
+        elif raw and self._raw_ok and not self._out and self._data.startswith(b"HTTP/"):
+            # The whole read starts with this head and nothing in the answer
             # needs changing: forward the worker's bytes verbatim.
             self._verbatim = True
             self._raw_ok = False
         else:
             self._emit_head(req, raw=raw, connection=conn_value)
-        req.response_started = True
+        if self.sink is not None:
+            req.conn.answer_begins(req)
 
     def _emit_head(self, req: Request, *, raw: bool, connection: bytes) -> None:
         data = self._data
@@ -295,7 +426,12 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def on_body(self, body: bytes) -> None:
-        if self._verbatim:
+        if self._verbatim or self._reask:
+            return
+        req = self.req
+        if req is not None and req.head_request:
+            # A body after a HEAD answer: the worker is confused; don't reuse.
+            self.must_close = True
             return
         if self._flags & _CHUNKED:
             self._out.append(chunk(body))
@@ -307,19 +443,30 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = False
             self._raw_ok = False
             return
+        if self._reask:
+            return
         if self._flags & _CHUNKED and not self._verbatim:
             self._out.append(LAST_CHUNK)
         self.complete = True
 
-    # -- helpers ----------------------------------------------------------------
+    # -- helpers -------------------------------------------------------------------------------
 
-    def _flush(self, client: asyncio.Transport | None) -> None:
+    def _flush(self) -> None:
         out = self._out
         if not out:
             return
-        if client is not None and not client.is_closing():
+        sink = self.sink
+        if sink is not None:
             if len(out) == 1:
-                client.write(out[0])
+                sink.write(out[0])
             else:
-                client.writelines(out)
+                sink.writelines(out)
         out.clear()
+
+    def _end(self, req: Request) -> None:
+        self.complete = False
+        self._go(_UE.END_CLOSE if self.must_close else _UE.END)
+        if req.head_request:
+            # The parser still expects the announced body: a fresh one for the next answer.
+            self.parser = httptools.HttpResponseParser(self)
+        self.owner.answer_end(req, self, self.status)

@@ -85,7 +85,6 @@ class Worker:
         "address",
         "attempt",
         "canary",
-        "canary",
         "cpu_percent",
         "deadline",
         "exit_status",
@@ -132,9 +131,6 @@ class Worker:
         # created in the state it had in the previous image.
         self.state = state
         self.pid = 0
-        # A canary of a restart (SPEC §7): its 5xx answers to idempotent
-        # requests are asked again of an old-generation worker (SPEC §6).
-        self.canary = False
         self.inflight = 0
         self.processed = 0
         self.last_used = started_at
