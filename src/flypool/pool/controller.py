@@ -832,6 +832,7 @@ class Controller:
             self.target += step
             self.log.info(
                 "elastic scale up" if step > 0 else "elastic scale down",
+                step=step,
                 workers=self.target,
                 requests_5s=total,
                 waited_over_100ms=slow,

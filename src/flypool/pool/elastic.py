@@ -7,9 +7,11 @@ Down: one fewer when a worker has served nothing for ``worker_idle_time``;
 the controller then drains the worker idle longest, like a restart drains,
 so no request fails.
 
-The window counts, per second, the requests that left the queue and those
-of them that waited over 100 ms: "p95 > 100 ms" is "more than 5 % waited
-over 100 ms". Recording a wait is two integer updates, no allocation.
+The window counts, per quarter second, the requests that left the queue and
+those of them that waited over 100 ms: "p95 > 100 ms" is "more than 5 %
+waited over 100 ms". Recording a wait is two integer updates, no
+allocation. After a step up only newer evidence counts, so one burst does
+not buy several workers.
 """
 
 from __future__ import annotations
@@ -19,27 +21,31 @@ from collections.abc import Sequence
 from flypool.pool.worker import Worker
 
 SLOW_WAIT = 0.1
-WINDOW_S = 5
+WINDOW_S = 5.0
+# Slots of a quarter second: evidence "since the last step up" is fresh
+# within 0.25 s, so the pool can grow once per new worker's boot.
+SLOT_S = 0.25
+SLOTS = int(WINDOW_S / SLOT_S)
 # Fewer samples than this are no evidence of queueing.
 MIN_SAMPLES = 5
 
 
 class QueueWaitWindow:
-    """Queue waits over the last ``WINDOW_S`` seconds, in one-second buckets."""
+    """Queue waits over the last ``WINDOW_S`` seconds, in quarter-second slots."""
 
-    __slots__ = ("_sec", "_slow", "_total")
+    __slots__ = ("_slot", "_slow", "_total")
 
     def __init__(self) -> None:
-        self._sec = [-1] * WINDOW_S
-        self._total = [0] * WINDOW_S
-        self._slow = [0] * WINDOW_S
+        self._slot = [-1] * SLOTS
+        self._total = [0] * SLOTS
+        self._slow = [0] * SLOTS
 
     def add(self, now: float, wait: float) -> None:
         """Record one request's queue wait (0 for one that never queued)."""
-        sec = int(now)
-        i = sec % WINDOW_S
-        if self._sec[i] != sec:
-            self._sec[i] = sec
+        n = int(now * 4)  # the slot number: 1 / SLOT_S
+        i = n % SLOTS
+        if self._slot[i] != n:
+            self._slot[i] = n
             self._total[i] = 0
             self._slow[i] = 0
         self._total[i] += 1
@@ -47,13 +53,15 @@ class QueueWaitWindow:
             self._slow[i] += 1
 
     def counts(self, now: float, since: float = 0.0) -> tuple[int, int]:
-        """(requests, requests that waited > 100 ms) in the window, not before ``since``."""
-        sec = int(now)
-        first = max(sec - WINDOW_S + 1, int(since) + 1 if since else 0)
+        """(requests, requests that waited > 100 ms) in the window, after ``since``."""
+        n = int(now * 4)
+        first = n - SLOTS + 1
+        if since:
+            first = max(first, int(since * 4) + 1)
         total = slow = 0
-        for i in range(WINDOW_S):
-            s = self._sec[i]
-            if first <= s <= sec:
+        for i in range(SLOTS):
+            s = self._slot[i]
+            if first <= s <= n:
                 total += self._total[i]
                 slow += self._slow[i]
         return total, slow
@@ -96,32 +104,16 @@ class Elastic:
         queued: int,
         queue_full: bool,
     ) -> int:
-        """+1, -1 or 0: the change of target the evidence asks for."""
+        """The change of target the evidence asks for: +1, -k (k idle extras) or 0."""
         if target < self.ceiling and spawning == 0:
             since = 0.0 if queue_full else self.last_up
             if queue_full or self.window.p95_slow(now, since):
                 self.last_up = now
                 self.ups += 1
                 return 1
-        if target > self.floor and not queued and self.idle_worker(now, ready) is not None:
-            self.downs += 1
-            return -1
+        if target > self.floor and not queued:
+            idle = sum(1 for w in ready if not w.inflight and now - w.last_used >= self.idle_time)
+            down = min(idle, target - self.floor)
+            self.downs += down
+            return -down
         return 0
-
-    def idle_worker(self, now: float, ready: Sequence[Worker]) -> Worker | None:
-        """The worker idle longest, if it has been idle ``worker_idle_time``."""
-        best: Worker | None = None
-        for w in ready:
-            if w.inflight or now - w.last_used < self.idle_time:
-                continue
-            if best is None or w.last_used < best.last_used:
-                best = w
-        return best
-
-    def next_check(self, now: float, ready: Sequence[Worker]) -> float:
-        """When a ready worker could next have been idle long enough."""
-        soonest = now + self.idle_time
-        for w in ready:
-            if not w.inflight:
-                soonest = min(soonest, w.last_used + self.idle_time)
-        return max(soonest, now + 0.01)

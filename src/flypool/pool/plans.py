@@ -147,15 +147,15 @@ class Plan:
         return None
 
 
-def _scale_down_order(w: Worker) -> tuple[bool, bool, bool, float, int]:
+def _scale_down_order(w: Worker) -> tuple[bool, bool, bool, bool, float]:
     # Least useful first: spawning ones (nothing lost), then workers marked for
-    # replacement, then elastic extras, then the one idle longest, least busy.
+    # replacement, then idle ones (elastic extras first), idle longest first.
     return (
         w.state is not _SPAWNING,
         w.replace_reason is None,
+        w.inflight > 0,
         not w.extra,
         w.last_used,
-        w.inflight,
     )
 
 
