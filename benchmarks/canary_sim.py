@@ -1,58 +1,56 @@
 """Canary judge simulation (issue 12): false rollbacks, detection, time to rollback.
 
-Run from the repository root::
-
-    .venv/bin/python benchmarks/canary_sim.py [--runs 1000] [--seed 1]
-
-Pure simulation of ``flypool.pool.canary_judge`` (no daemon). Each request goes to
-the canary with probability ``share`` (one canary beside four old workers: 0.2),
-fails at its generation's rate, takes a lognormal latency (median 20 ms, sigma 1);
-``judge`` runs after every request (brute force: this also cross-checks the tests'
-event-driven shortcut). Time to rollback at R req/s = requests since the canary was
-ready / R. Flagger's figures follow its documented rule; they are not run.
-Writes ``benchmarks/out/canary_sim.json`` and prints markdown tables.
+A pure simulation of `flypool.pool.canary_judge` (no daemon), `--runs` deploys per row.
+Each request goes to the canary with probability `share` (one canary beside four old
+workers: 0.2), fails at its generation's rate and takes a lognormal latency (median
+20 ms, sigma 1); `judge` runs after every request (brute force: this also cross-checks
+the tests' event-driven shortcut). A/A: both generations fail 0.5% of requests, under
+the default policy (200 requests, 1%, p99 x 2), a 2,000-request canary (errors only) and
+two shifts of the share (errors only; the error test assumes a steady share): the canary
+alone for its first 100 requests (ties go to the newest generation while the app idles),
+and starved (share 0.05) for its first 1,000. Detection: a canary failing 2% against
+0.5%, `canary_requests` 2,000. Bad releases (old: 0% errors), default policy: time to
+rollback at R req/s = requests since the canary was ready / R; failed = the canary's
+errors (no canary retries). Flagger's figures are its documented rule, not a run: see
+below the table.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import statistics
-import time
 import timeit
-from pathlib import Path
+from collections import Counter
 from typing import Any
+
+import harness as h
 
 from flypool.pool.canary_judge import CanaryPolicy, CanaryWindow, Decision, judge
 
-OUT = Path(__file__).resolve().parent / "out" / "canary_sim.json"
+S = h.Suite("canary_sim", "Canary judge: false rollbacks, detection, time to rollback", __doc__)
+S.arg("--runs", type=int, default=1000, help="simulated deploys per row (default 1000)")
+S.arg("--seed", type=int, default=1, help="random seed (default 1)")
+
 DEFAULT = CanaryPolicy()  # canary_requests 200, 10m, 1%, p99 ratio 2
 LONG = CanaryPolicy(requests=2000, max_latency_ratio=0)  # the issue's 2,000-request horizon
 ERRORS_ONLY = CanaryPolicy(max_latency_ratio=0)
-# The error test assumes a steady canary share. Shifts (first n requests at share s):
-# the canary alone while the app idles (ties go to the newest generation); starved at first.
-SHIFTS = ((100, 1.0), (1000, 0.05))
-# Flagger (fluxcd/flagger docs/gitbook/usage/deployment-strategies.md, canary.go):
-# analysis every `interval` (default 60s, at least 10s); rollback after `threshold`
-# failed checks (the docs' examples use 5 or 10; 1 if unset), i.e. interval x threshold;
-# the canary holds its first traffic step (stepWeight, 5-10% in the docs) while checks fail.
-FLAGGER = {"interval_s": 60, "threshold": 5, "step_weight": 0.10}
-Shift = tuple[int, float]
-Rates = tuple[float, float]
-
-
-# Lognormal latencies (median 20 ms, sigma 1) at evenly spaced quantiles: cheap to draw.
+# Flagger (fluxcd/flagger docs/gitbook/usage/deployment-strategies.md, canary.go): analysis
+# every `interval` (default 1m), rollback after `threshold` failed checks (5 in the docs'
+# examples) at the first traffic step (stepWeight, 10% in the docs).
+FLAGGER_S, FLAGGER_STEP = 60 * 5, 0.10
+# Lognormal latencies at evenly spaced quantiles: cheap to draw.
 _NORMAL = statistics.NormalDist(math.log(0.020), 1.0)
 LAT = [math.exp(_NORMAL.inv_cdf((i + 0.5) / 4096)) for i in range(4096)]
 
 
 def deploy(
-    rng: random.Random, policy: CanaryPolicy, rates: Rates, share: float, shift: Shift = (0, 0.0)
-) -> tuple[Decision, str, int, int, int]:
-    """One canary, judged after every request; ``rates`` = (canary, old) error rates.
-    Returns decision, cause, canary requests, canary errors, all requests so far."""
+    rng: random.Random, policy: CanaryPolicy, rates: tuple[float, float], share: float,
+    shift: tuple[int, float] = (0, 0.0),
+) -> tuple[Decision, str, int, int, int]:  # fmt: skip
+    """One canary judged after every request; ``rates`` = (canary, old) error rates, the
+    share is ``shift[1]`` for the first ``shift[0]`` requests. Returns the decision, its
+    cause, the canary's requests and errors, and all requests so far."""
     window, uniform, size, seen = CanaryWindow(), rng.random, len(LAT), 0
     while True:
         seen += 1
@@ -65,128 +63,74 @@ def deploy(
             return verdict.decision, cause, can.requests, can.errors, seen
 
 
-def pct(values: list[int], q: float) -> int | None:
-    """The q-quantile (nearest rank) or None."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
-
-
-def aa(
-    rng: random.Random, runs: int, policy: CanaryPolicy, shift: Shift = (0, 0.0)
-) -> dict[str, Any]:
-    """Old and new alike (0.5% errors, same latency): how many are rolled back, and why."""
-    causes: dict[str, int] = {}
-    for _ in range(runs):
-        decision, cause, *_ = deploy(rng, policy, (0.005, 0.005), 0.2, shift)
-        if decision is Decision.ROLLBACK:
-            causes[cause] = causes.get(cause, 0) + 1
-    return {"shift": shift, "false_rollback_rate": sum(causes.values()) / runs, "by_cause": causes}
-
-
-def detect(rng: random.Random, runs: int, share: float) -> dict[str, Any]:
-    """Canary at 2% against 0.5%, canary_requests 2,000: caught, and after how many requests."""
-    used = [
-        n
-        for d, _, n, _, _ in (deploy(rng, LONG, (0.02, 0.005), share) for _ in range(runs))
-        if d is Decision.ROLLBACK
-    ]
-    rate = sum(n <= 2000 for n in used) / runs
-    return {"share": share, "within_2000": rate, "median": pct(used, 0.5), "p95": pct(used, 0.95)}
-
-
-def bad_release(rng: random.Random, runs: int, p_bad: float) -> dict[str, Any]:
-    """A release failing p_bad of requests (old: none), default policy, canary = 1 of 5.
-    Time and failed requests are over the runs rolled back for errors."""
-    totals, failed = [], []
-    for _ in range(runs):
-        decision, cause, _, errors, total = deploy(rng, DEFAULT, (p_bad, 0.0), 0.2)
-        if decision is Decision.ROLLBACK and cause == "errors":
-            totals.append(total)
-            failed.append(errors)
-    flagger_s = FLAGGER["interval_s"] * FLAGGER["threshold"]
-    row: dict[str, Any] = {
-        "error_rate": p_bad,
-        "runs": runs,
-        "rolled_back": len(totals) / runs,
-        "failed_median_p95": [pct(failed, 0.5), pct(failed, 0.95)],
-    }
-    for rate in (20, 200):
-        row[f"seconds_median_p95_at_{rate}"] = [(pct(totals, q) or 0) / rate for q in (0.5, 0.95)]
-        flagger_failed = round(rate * FLAGGER["step_weight"] * p_bad * flagger_s)
-        row[f"flagger_seconds_failed_at_{rate}"] = [flagger_s, flagger_failed]
-    return row
-
-
 def hot_path() -> dict[str, float]:
     """ns per record() (success, error) and per judge() while waiting, on this machine."""
-    window, err_window, policy, n = CanaryWindow(), CanaryWindow(), CanaryPolicy(), 200_000
-    ok = min(timeit.repeat(lambda: window.record(False, 0.0213, False), number=n, repeat=3))
-    err = min(timeit.repeat(lambda: err_window.record(True, 0.02, True), number=n, repeat=3))
-    wait = min(timeit.repeat(lambda: judge(policy, window, 1.0), number=n, repeat=3))
-    return {"record_ns": ok / n * 1e9, "record_error_ns": err / n * 1e9, "judge_ns": wait / n * 1e9}
-
-
-def markdown(r: dict[str, Any]) -> str:
-    """The summary as RESULTS.md tables."""
-    rows = [
-        ("A/A, default policy (200 req, 1%, p99 x2), sigma-1 latency", r["aa_default"]),
-        ("A/A, 2,000-request canary (errors only)", r["aa_long"]),
-        ("A/A, canary alone for its first 100 requests (errors only)", r["aa_shifted"][0]),
-        ("A/A, canary share 0.05 for 1,000 requests, then 0.2", r["aa_shifted"][1]),
-    ]
-    out = ["| property | result | target |", "|---|---|---|"]
-    out += [
-        f"| {label}: false rollbacks | {a['false_rollback_rate']:.2%} {a['by_cause']} | < 1% |"
-        for label, a in rows
-    ]
-    out += [
-        f"| 2% vs 0.5% caught within 2,000 canary requests, share {d['share']} |"
-        f" {d['within_2000']:.1%}; median {d['median']}, p95 {d['p95']} requests | >= 95% |"
-        for d in (r["detect"], r["detect_share_half"])
-    ]
-    out += [
-        "",
-        "| bad release (old: 0%) | req/s | flypool: rolled back after, median (p95) |"
-        " failed without canary retries, median (p95) | Flagger 1m x 5, step 10%: time, failed |",
-        "|---|---|---|---|---|",
-    ]
-    for b in r["bad_releases"]:
-        label = f"{b['error_rate']:.0%} of requests 5xx (rolled back: {b['rolled_back']:.1%})"
-        for rate in (20, 200):
-            (t50, t95), (f50, f95) = b[f"seconds_median_p95_at_{rate}"], b["failed_median_p95"]
-            fs, ff = b[f"flagger_seconds_failed_at_{rate}"]
-            out.append(
-                f"| {label} | {rate} | {t50:.2f} s ({t95:.2f} s) | {f50} ({f95}) |"
-                f" {fs / 60:.0f} min, {ff} |"
-            )
-    return "\n".join(out)
-
-
-def main() -> None:
-    """Run every scenario, write the JSON, print the tables."""
-    parser = argparse.ArgumentParser(description="Canary judge simulation")
-    parser.add_argument("--runs", type=int, default=1000, help="deploys per property")
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
-    rng, started = random.Random(args.seed), time.perf_counter()
-    result: dict[str, Any] = {
-        "command": f"benchmarks/canary_sim.py --runs {args.runs} --seed {args.seed}",
-        "runs": args.runs,
-        "aa_default": aa(rng, args.runs, DEFAULT),
-        "aa_long": aa(rng, args.runs, LONG),
-        "aa_shifted": [aa(rng, args.runs, ERRORS_ONLY, shift) for shift in SHIFTS],
-        "detect": detect(rng, args.runs, 0.2),
-        "detect_share_half": detect(rng, args.runs, 0.5),
-        "bad_releases": [bad_release(rng, args.runs, p) for p in (1.0, 0.05)],
-        "flagger": FLAGGER,
-        "hot_path": hot_path(),
+    ok, bad, policy, n = CanaryWindow(), CanaryWindow(), CanaryPolicy(), 200_000
+    calls = {
+        "record_ns": lambda: ok.record(False, 0.0213, False),
+        "record_error_ns": lambda: bad.record(True, 0.02, True),
+        "judge_ns": lambda: judge(policy, ok, 1.0),
     }
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(markdown(result))
+    return {k: min(timeit.repeat(f, number=n, repeat=3)) / n * 1e9 for k, f in calls.items()}
+
+
+def run(s: h.Suite, a: Any) -> None:
+    """A/A, detection and bad releases, in this order from one seeded stream."""
+    rng, runs = random.Random(a.seed), a.runs
+    aa = [("default policy", DEFAULT, (0, 0.0)), ("2,000-request canary", LONG, (0, 0.0)),
+          ("canary alone for 100 requests", ERRORS_ONLY, (100, 1.0)),
+          ("canary share 0.05 for 1,000 requests", ERRORS_ONLY, (1000, 0.05))]  # fmt: skip
+    for label, policy, shift in aa:
+        results = (deploy(rng, policy, (0.005, 0.005), 0.2, shift) for _ in range(runs))
+        causes = Counter(cause for d, cause, *_ in results if d is Decision.ROLLBACK)
+        rate = causes.total() / runs
+        s.data[f"aa {label}"] = {"false_rollback_rate": rate, "by_cause": causes}
+        why = ", ".join(f"{k} {n}" for k, n in causes.items()) or "none"
+        s.check(f"A/A (0.5% errors both), {label}: false rollbacks over {runs:,} deploys",
+                rate * 100, "< 1%", f"{rate:.1%} ({why})", digits=1)  # fmt: skip
+    caught = []
+    for share in (0.2, 0.5):
+        results = (deploy(rng, LONG, (0.02, 0.005), share) for _ in range(runs))
+        used = [n for d, _, n, _, _ in results if d is Decision.ROLLBACK]
+        pc = sum(n <= 2000 for n in used) / runs * 100
+        caught.append([f"{share}", f"{pc:.1f}%", round(h.pct(used, 50) or 0),
+                       round(h.pct(used, 95) or 0)])  # fmt: skip
+        s.data[f"detect share {share}"] = {"within_2000": pc / 100, "rollback_after": used}
+        if share == 0.2:
+            s.check(f"2% vs 0.5% errors rolled back within 2,000 canary requests, canary "
+                    f"share 0.2 ({runs:,} runs)", pc, ">= 95%", f"{pc:.1f}%", digits=1)  # fmt: skip
+    s.md(h.table("2% vs 0.5% errors: canary share|rolled back within 2,000 canary requests>|"
+                 "canary requests to rollback, median>|p95>", caught))  # fmt: skip
+    s.md("The target is for share 0.2 (one canary beside four old workers). At 0.5 an error "
+         "on the canary is less surprising and the old generation serves 2,000 requests, not "
+         "8,000, while the canary serves 2,000: the evidence grows more slowly.")  # fmt: skip
+    rows = []
+    for p_bad in (1.0, 0.05):
+        results = (deploy(rng, DEFAULT, (p_bad, 0.0), 0.2) for _ in range(runs))
+        done = [(n, e) for d, c, _, e, n in results if d is Decision.ROLLBACK and c == "errors"]
+        s.data[f"bad {p_bad}"] = {"runs": runs, "rolled_back_after_failed": done}
+        totals, failed = [n for n, _ in done], [e for _, e in done]
+        label = f"{p_bad:.0%} of requests 5xx (rolled back: {len(done) / runs:.1%})"
+        for rate in (20, 200):
+            t50, t95 = ((h.pct(totals, q) or 0) / rate for q in (50, 95))
+            flagger = round(rate * FLAGGER_STEP * p_bad * FLAGGER_S)
+            rows.append([label, rate, f"{t50:.2f} s ({t95:.2f} s)",
+                         f"{h.pct(failed, 50) or 0:.0f} ({h.pct(failed, 95) or 0:.0f})",
+                         f"{FLAGGER_S // 60} min, {flagger:,}"])  # fmt: skip
+    s.md(h.table("bad release (old: 0%)|req/s>|flypool: rolled back after, median (p95)>|"
+                 "failed, median (p95)>|Flagger 1 min x 5, step 10%: time, failed>",
+                 rows))  # fmt: skip
+    s.md("Flagger column: its documented rule, not run. Flagger analyses every `interval` "
+         "(default 1 min, at least 10 s) and rolls back after `threshold` failed checks (the "
+         "docs' examples use 5 or 10; 1 if unset), i.e. after interval x threshold = 5 min here, "
+         "while the canary holds its first traffic step (stepWeight, 5-10% in the docs; 10% "
+         "here): failed = req/s x 10% x error rate x 300 s. flypool judges after every request, "
+         "so its time falls as traffic grows and its failed requests do not.")  # fmt: skip
+    s.data["hot_path"] = ns = hot_path()
+    s.md(f"Cost on this machine: `record()` {ns['record_ns']:.0f} ns (an error: "
+         f"{ns['record_error_ns']:.0f} ns), `judge()` while waiting {ns['judge_ns']:.0f} "
+         "ns.")  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    S.main(run)
