@@ -6,14 +6,15 @@ Run from the repository root::
         --variant pure:FLYPOOL_IMPL=pure --variant compiled:FLYPOOL_IMPL=compiled \\
         [--rounds 5] [--duration 8] [--syscalls]
 
-Each variant is one ``flypool run --workers 1 --worker-concurrency 0`` daemon
-(the setting of issue 10's table) in front of its own worker, the bundled
-example server (``python -m flypool.example``, uvloop + httptools) on a Unix
-socket. All daemons run at the same time; ``wrk -t1 -c32 -dDs`` loads them
-in interleaved rounds (A, B, ..., A, B, ...), so that the noise of a shared
-machine hits every variant alike. Per run it reads the daemon's CPU time
-(``/proc/PID/stat``, user and system apart) and, with ``--syscalls``, counts
-the daemon's system calls with ``perf stat`` syscall tracepoints (all
+Each variant is one ``flypool run`` daemon with one worker and
+``worker_concurrency = 0`` (the setting of issue 10's table) in front of its
+own worker, the fast keep-alive backend of router_compare.py
+(``benchmarks/apps/fast_backend.py``: uvloop + httptools, one constant
+answer) on a Unix socket. All daemons run at the same time; ``wrk -t1 -c32``
+loads them in interleaved rounds (A, B, ..., A, B, ...), so that the noise of
+a shared machine hits every variant alike. Per run it reads the daemon's CPU
+time (``/proc/PID/stat``, user and system apart) and, with ``--syscalls``,
+counts the daemon's system calls with ``perf stat`` syscall tracepoints (all
 threads; costs a few per cent of throughput, alike for every variant).
 
 A variant is ``NAME[:ENV=VALUE[,ENV=VALUE...]][@LAUNCHER]``: the environment
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -47,25 +49,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (
-    CLOCK_TICKS,
-    OUT_DIR,
-    PYTHON,
-    BenchmarkError,
-    FlypoolDaemon,
-    WrkResult,
-    machine_info,
-    run_wrk,
-    start_flypool,
-    write_json,
-)
+import harness as h
 
 PERF = shutil.which("perf")
 """``perf`` (Debian ``linux-perf``), for ``--syscalls``."""
 SYSCALLS = ["read", "write", "writev", "epoll_pwait", "epoll_ctl", "futex", "openat"]
 """Syscalls counted one by one with ``--syscalls`` (the total counts every syscall)."""
-WORKER = [PYTHON, "-m", "flypool.example", "--socket", "{socket}"]
-DEFAULT_OUT = OUT_DIR / "hotpath_ab.json"
+WORKER = [h.PY, h.APPS / "fast_backend.py", "--socket", "{socket}"]
+DEFAULT_OUT = h.OUT / "hotpath_ab.json"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -75,7 +67,7 @@ class Variant:
     name: str
     env: dict[str, str]
     launcher: str | None = None
-    daemon: FlypoolDaemon | None = None
+    daemon: h.Flypool | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -101,15 +93,13 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
-def start_variant(variant: Variant) -> FlypoolDaemon:
+def start_variant(variant: Variant) -> h.Flypool:
     """Start the daemon of ``variant`` with its environment (restored afterwards)."""
     saved = {key: os.environ.get(key) for key in variant.env}
-    os.environ.update(variant.env)
+    os.environ.update(variant.env)  # the daemon inherits it; its worker too
     try:
         args = [variant.launcher] if variant.launcher else []
-        return start_flypool(
-            WORKER, workers=1, extra_args=["--worker-concurrency", "0"], interpreter_args=args
-        )
+        return h.start_flypool(WORKER, workers=1, worker_concurrency=0, python_args=args)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -155,9 +145,9 @@ def one_run(variant: Variant, number: int, args: argparse.Namespace) -> dict[str
     """Load ``variant``'s daemon once; its figures."""
     daemon = variant.daemon
     assert daemon is not None
-    pid = daemon.pid
+    pid = daemon.proc.pid
     perf: subprocess.Popen[bytes] | None = None
-    perf_out = daemon.tmpdir / f"perf-{number}.txt"
+    perf_out = daemon.tmp / f"perf-{number}.txt"
     if args.syscalls:
         # perf stat starts counting at once; it runs a little past wrk, which
         # adds idle-loop syscalls only (a timer or two).
@@ -168,16 +158,16 @@ def one_run(variant: Variant, number: int, args: argparse.Namespace) -> dict[str
         )
         time.sleep(0.2)
     user0, sys0 = cpu_ticks(pid)
-    wrk: WrkResult = run_wrk(daemon.url, duration_s=args.duration, connections=args.connections)
+    wrk = h.wrk(daemon.url, args.duration, connections=args.connections)
     user1, sys1 = cpu_ticks(pid)
-    requests = max(wrk.requests, 1)
+    requests = max(wrk["requests"], 1)
     run: dict[str, Any] = {
         "round": number,
-        "requests": wrk.requests,
-        "requests_per_s": wrk.requests_per_s,
-        "p50_ms": wrk.p50_ms,
-        "p99_ms": wrk.p99_ms,
-        "errors": wrk.errors,
+        "requests": wrk["requests"],
+        "requests_per_s": wrk["rps"],
+        "p50_ms": wrk["p50"],
+        "p99_ms": wrk["p99"],
+        "errors": wrk["errors"],
         "user_us_per_req": (user1 - user0) / CLOCK_TICKS / requests * 1e6,
         "sys_us_per_req": (sys1 - sys0) / CLOCK_TICKS / requests * 1e6,
     }
@@ -276,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants = [Variant.parse(text) for text in args.variant]
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    info = machine_info()
+    info = h.machine()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     with contextlib.ExitStack() as cleanup:
         for v in variants:
             log(f"starting {v.name} {v.env} {v.launcher or ''}")
@@ -285,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             assert v.daemon is not None
             if args.warmup:
-                run_wrk(v.daemon.url, duration_s=args.warmup, connections=args.connections)
+                h.wrk(v.daemon.url, args.warmup, connections=args.connections)
         for number in range(1, args.rounds + 1):
             for v in variants:
                 run = one_run(v, number, args)
@@ -300,22 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{args.rounds} interleaved rounds x {args.duration}s of `wrk -t1 -c{args.connections}`"
         f" per variant; medians; x base = median of per-round ratios to {variants[0].name}. "
-        f"{info['nproc']} CPUs, load {info['loadavg_at_start']} at start, "
+        f"{os.cpu_count()} CPUs, load {load_start} at start, "
         f"{[round(x, 2) for x in os.getloadavg()]} at end."
     )
-    write_json(
-        args.out,
-        {
-            "benchmark": "hotpath_ab",
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": shlex.join([sys.executable, *(sys.argv if argv is None else argv)]),
-            "machine": info,
-            "markdown": text,
-            "variants": [
-                {"name": v.name, "env": v.env, "launcher": v.launcher, "runs": v.runs}
-                for v in variants
-            ],
-        },
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "hotpath_ab",
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "command": shlex.join([sys.executable, *(sys.argv if argv is None else argv)]),
+                "machine": info,
+                "markdown": text,
+                "variants": [
+                    {"name": v.name, "env": v.env, "launcher": v.launcher, "runs": v.runs}
+                    for v in variants
+                ],
+            },
+            indent=1,
+        )
     )
     log(f"raw figures: {args.out}")
     return 1 if any(r["errors"] for v in variants for r in v.runs) else 0
@@ -324,6 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except BenchmarkError as err:
+    except h.BenchError as err:
         print(f"hotpath_ab: {err}", file=sys.stderr)
         raise SystemExit(1) from None
