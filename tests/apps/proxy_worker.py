@@ -17,6 +17,9 @@ Paths (``?delay=S`` delays any answer):
 - ``/big?size=N``: N bytes of ``x``.
 - ``/continue``: a 100 Continue, then the final answer once the body is read.
 - ``/crash``: the process exits at once, without answering.
+
+``PROXY_WORKER_STATUS=N`` in the environment makes ``/`` answer status N
+(a broken release, for canary tests).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 LOCK = threading.Lock()
+STATUS = os.environ.get("PROXY_WORKER_STATUS", "200")
 STATS = {"connections": 0, "inflight": 0, "max_inflight": 0, "requests": 0}
 
 
@@ -166,7 +170,8 @@ def serve(conn: socket.socket) -> None:
                     _answer(conn, "200 OK", b"x" * int(query.get("size", "0")), close)
                 else:
                     pid = b"pid=%d\n" % os.getpid()
-                    _answer(conn, "200 OK", pid, close, head_only=method == "HEAD")
+                    status = "200 OK" if STATUS == "200" else f"{STATUS} Status"
+                    _answer(conn, status, pid, close, head_only=method == "HEAD")
             finally:
                 with LOCK:
                     STATS["inflight"] -= 1
