@@ -87,18 +87,18 @@ def test_broken_release_without_resistance_backs_off_and_the_restart_ends() -> N
         await h.until(lambda: ctl.restart is None, 20, "restart to end")
         elapsed = h.loop.time() - t0
         # Two failed spawns (one per old worker skipped), 1 s of backoff between.
-        assert ctl.spawn_failures_total <= 3, ctl.spawn_failures_total
+        assert ctl.procs.spawn_failures_total <= 3, ctl.procs.spawn_failures_total
         assert elapsed >= 1.0
         assert ctl.last_restart is not None and ctl.last_restart["outcome"] == "completed"
         assert ctl.deployment_error is not None
         assert "before it was ready" in ctl.deployment_error.reason
         assert any("boot failure requested" in line for line in ctl.deployment_error.output)
-        err = ctl.spawn_error
+        err = ctl.procs.spawn_error
         assert err is not None and err.retry_in_s >= 2.0, err
         # The refill keeps trying, at a bounded rate.
-        before = ctl.spawn_failures_total
+        before = ctl.procs.spawn_failures_total
         await asyncio.sleep(2.5)
-        assert ctl.spawn_failures_total - before <= 1
+        assert ctl.procs.spawn_failures_total - before <= 1
 
     run(cfg, base, body)
 
@@ -187,7 +187,7 @@ def test_a_worker_that_served_is_replaced_at_once_a_crash_loop_backs_off() -> No
         os.kill(victim.pid, signal.SIGKILL)
         await h.until(lambda: victim not in h.workers and len(h.workers) == 2, 5, "the replacement")
         assert h.loop.time() - t0 < 0.5  # spawned at once, no backoff
-        assert ctl.failures == 0 and ctl.spawn_failures_total == 0
+        assert ctl.procs.failures == 0 and ctl.procs.spawn_failures_total == 0
         crash = h.log.named("worker exited unexpectedly")
         assert crash and crash[0]["pid"] == victim.pid and crash[0]["replaced"] == "at once"
         assert not h.log.named("worker failed to start")
@@ -196,7 +196,7 @@ def test_a_worker_that_served_is_replaced_at_once_a_crash_loop_backs_off() -> No
         (base / "fail_at_boot").touch()
         victim = h.workers[0]
         os.kill(victim.pid, signal.SIGKILL)
-        await h.until(lambda: ctl.spawn_failures_total >= 2, 10, "two failed boots")
+        await h.until(lambda: ctl.procs.spawn_failures_total >= 2, 10, "two failed boots")
         failed = h.log.named("worker failed to start")
         assert [f["retry_in_s"] for f in failed[:2]] == [1.0, 2.0]
         (base / "fail_at_boot").unlink()
@@ -227,7 +227,7 @@ def test_kill_every_half_second_keeps_the_pool_near_full() -> None:
                 for w in h.ready():
                     w.processed = max(w.processed, 1)
         assert lowest >= 3, lowest  # live (ready or spawning) never below 3
-        assert ctl.spawn_failures_total == 0
+        assert ctl.procs.spawn_failures_total == 0
         await h.settled(4)
 
     run(cfg, base, body)

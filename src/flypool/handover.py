@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from flypool.http.client import ClientConnection
+from flypool.pool import snapshot
 from flypool.pool.spawner import AdoptedProcess, follow_output
 from flypool.pool.worker import Worker, WorkerState
 
@@ -277,7 +278,8 @@ async def _run(host: HandoverHost, prep: Prepared, undo: _Undo) -> None:
         "workers": workers,
         "clients": clients,
         "pools": {
-            p.name: {**p.controller.snapshot(now), "drained": p.router.drained} for p in pools
+            p.name: {**snapshot.snapshot(p.controller, now), "drained": p.router.drained}
+            for p in pools
         },
         "uptime_s": now - host.started_at,
         "pending": list(host.pending),
@@ -388,7 +390,7 @@ async def adopt(
         pool = host.pools.get(name)
         if pool is None:
             continue
-        pool.controller.restore(info, now)
+        snapshot.restore(pool.controller, info, now)
         pool.router.drained = info.get("drained", False)
     adopted = 0
     for ws in handed["workers"]:
@@ -416,7 +418,7 @@ async def adopt(
             continue  # exited and reaped during the switch; the pool refills its slot
         if fds[0] >= 0 and fds[1] >= 0:
             await follow_output(w, fds[0], fds[1], pool.name, pool.log)
-        pool.controller.adopt_worker(w, proc, w.started_at + pool.cfg.start_timeout)
+        pool.controller.procs.adopt(w, proc, w.started_at + pool.cfg.start_timeout)
         adopted += 1
     for c in handed["clients"]:
         cpool = host.pools.get(c["app"])

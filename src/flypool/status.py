@@ -64,7 +64,9 @@ def app_status(pool: AppPool, now: float) -> dict[str, Any]:
         "deployment_error": (
             ctl.deployment_error.as_dict(backoff=False) if ctl.deployment_error else None
         ),
-        "spawn_error": ctl.spawn_error.as_dict(backoff=True) if ctl.spawn_error else None,
+        "spawn_error": ctl.procs.spawn_error.as_dict(backoff=True)
+        if ctl.procs.spawn_error
+        else None,
         "workers": workers,
     }
 

@@ -113,14 +113,14 @@ def render_metrics(pools: Iterable[AppPool]) -> str:
             "counter",
             "Workers that failed to get ready.",
             {"app": app},
-            ctl.spawn_failures_total,
+            ctl.procs.spawn_failures_total,
         )
         add(
             "flypool_worker_crashes_total",
             "counter",
             "Ready workers that exited without being asked to.",
             {"app": app},
-            ctl.crashes_total,
+            ctl.procs.crashes_total,
         )
         add(
             "flypool_workers_target",
