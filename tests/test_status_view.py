@@ -270,3 +270,13 @@ def test_date_comes_from_the_daemon_when_given() -> None:
     """The daemon's snapshot time is shown rather than the client's clock."""
     text = render_status({"date": "2026-11-22 09:59:59 +0000", "apps": []}, now=NOW)
     assert text.splitlines()[1] == "Date    : 2026-11-22 09:59:59 +0000"
+
+
+def test_max_pool_size_and_restart_batch_from_the_daemon() -> None:
+    """The daemon's max_pool_size, and a memory-aware restart's batch, are shown."""
+    status = make_status()
+    status["max_pool_size"] = 256
+    status["apps"][0]["restart"] = {"mode": "rolling", "done": 1, "total": 4, "batch": 2}
+    text = render_status(status, now=NOW)
+    assert "Max pool size : 256\n" in text
+    assert "  Restart: rolling 1/4 (batch 2)\n" in text

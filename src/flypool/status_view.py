@@ -106,15 +106,18 @@ def _render_header(status: Mapping[str, Any], now: datetime) -> list[str]:
     ]
 
 
-def _render_general(apps: Sequence[Mapping[str, Any]]) -> list[str]:
-    # flypool has no global pool limit: the sum of every app's target is the
-    # closest thing to Passenger's "max pool size". Apps without the key count
-    # their current workers instead.
-    max_pool = sum(
-        _int(app["workers_target"])
-        if app.get("workers_target") is not None
-        else len(_list(app.get("workers")))
-        for app in apps
+def _render_general(apps: Sequence[Mapping[str, Any]], max_pool_size: object = None) -> list[str]:
+    # The daemon's max_pool_size when it reports one; from an older daemon,
+    # the sum of every app's target (apps without it count their workers).
+    max_pool = (
+        max_pool_size
+        if isinstance(max_pool_size, int) and max_pool_size > 0
+        else sum(
+            _int(app["workers_target"])
+            if app.get("workers_target") is not None
+            else len(_list(app.get("workers")))
+            for app in apps
+        )
     )
     processes = sum(len(_list(app.get("workers"))) for app in apps)
     return [
@@ -200,7 +203,11 @@ def _render_app(app: Mapping[str, Any]) -> list[str]:
     replacing_pid = None
     if restart is not None:
         mode = _str(restart.get("mode"), "restart")
-        lines.append(f"  Restart: {mode} {_int(restart.get('done'))}/{_int(restart.get('total'))}")
+        line = f"  Restart: {mode} {_int(restart.get('done'))}/{_int(restart.get('total'))}"
+        batch = restart.get("batch")
+        if isinstance(batch, int) and batch > 1:
+            line += f" (batch {batch})"
+        lines.append(line)
         replacing_pid = restart.get("replacing_pid")
     else:
         last = _mapping(app.get("last_restart"))
@@ -230,7 +237,7 @@ def render_status(status: Mapping[str, Any], now: datetime | None = None) -> str
     apps = [app for app in _list(status.get("apps")) if isinstance(app, Mapping)]
     lines = _render_header(status, now)
     lines.append("")
-    lines.extend(_render_general(apps))
+    lines.extend(_render_general(apps, status.get("max_pool_size")))
     lines.append("")
     lines.append(_SECTION_APPS)
     for index, app in enumerate(apps):

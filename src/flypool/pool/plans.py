@@ -147,11 +147,13 @@ class Plan:
         return None
 
 
-def _scale_down_order(w: Worker) -> tuple[bool, bool, bool, bool, float]:
-    # Least useful first: spawning ones (nothing lost), then workers marked for
-    # replacement, then idle ones (elastic extras first), idle longest first.
+def _scale_down_order(w: Worker) -> tuple[bool, bool, bool, bool, bool, float]:
+    # Least useful first: spawning ones (nothing lost), canaries of a restart
+    # that ended (rolled back), workers marked for replacement, then idle ones
+    # (elastic extras first), idle longest first.
     return (
         w.state is not _SPAWNING,
+        not w.canary,
         w.replace_reason is None,
         w.inflight > 0,
         not w.extra,
