@@ -290,7 +290,9 @@ class Controller:
             if timer is not None:
                 timer.cancel()
         self._backoff_timer = self._elastic_timer = None
-        if not graceful:
+        if graceful:
+            self.procs.cap_drains(deadline)
+        else:
             self.procs.hurry()
         self.poke()
 

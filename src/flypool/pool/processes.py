@@ -228,11 +228,12 @@ class Processes:
         """The spawn step: start the process, probe it, report ready or failure."""
         try:
             proc = await self.launcher.start(self.cfg, w, self.log)
-        except SpawnError as exc:
+        except Exception as exc:  # SpawnError, or anything else: never a stuck SPAWNING
             wanted = w.state is _S.SPAWNING
-            self._drop(w)
+            reason = str(exc) if isinstance(exc, SpawnError) else f"cannot start: {exc!r}"
+            self._drop(w)  # also kills a process that was created before the failure
             if wanted:
-                self._boot_failed(w, str(exc), self.loop.time())
+                self._boot_failed(w, reason, self.loop.time())
             self.owner.poke()
             return
         self._task(self._watch(w, proc))
@@ -455,6 +456,15 @@ class Processes:
         if w.state is _S.STOPPING and w.pid:
             self.log.warning("worker ignored stop signal; killing", pid=w.pid)
             spawner.signal_group(w.pid, signal.SIGKILL)
+
+    def cap_drains(self, deadline: float) -> None:
+        """Drains in progress end no later than ``deadline`` (a graceful stop's)."""
+        for w in self.workers:
+            if w.state is _S.DRAINING and w.deadline > deadline:
+                w.deadline = deadline
+                if w.timer is not None:
+                    w.timer.cancel()
+                w.timer = self.loop.call_at(deadline, self.owner.poke)
 
     def hurry(self) -> None:
         """Fast stop: every stop signal already sent is followed by SIGKILL soon."""
