@@ -32,6 +32,7 @@ a preloader replaces the cold fork+exec by assigning ``controller.launcher``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flypool.config import AppConfig
@@ -152,12 +153,16 @@ class Controller:
         self._started = True
         self.poke()
 
-    def request_restart(self, mode: str | None, reason: str) -> int:
+    def request_restart(
+        self, mode: str | None, reason: str, options: Mapping[str, Any] | None = None
+    ) -> int:
         """Restart every worker, or fold the request into the running restart.
 
         Synchronous on purpose: the plan is in place before this returns, so
         a second request in the same loop turn supersedes it instead of
         starting another (PITFALLS: "two triggers in one loop turn").
+        ``mode`` names a plan in ``RESTART_PLANS``; ``options`` are passed to
+        its constructor as keywords (a canary plan's ``canary=N``).
         """
         self.restart_seq += 1
         rid = self.restart_seq
@@ -186,6 +191,7 @@ class Controller:
             batch=batch,
             by_memory=by_memory,
             resist=cfg.resist_deployment_errors,
+            **(options or {}),
         )
         plan.est_rss = largest
         plan.peak_rss = self._total_rss()
