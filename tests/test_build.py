@@ -1,11 +1,12 @@
-"""The optional compiled hot path: twins built by setup.py, chosen by flypool._impl.
+"""The optional compiled hot path: modules compiled in place by setup.py, chosen by flypool._impl.
 
-- every twin is built where this machine can build it, from the current source;
-- each twin behaves as its pure module (same names and values, same answers);
-- ``FLYPOOL_IMPL`` picks the implementation, and a stale twin never runs;
+- every module of ``_impl.COMPILED`` is compiled where this machine can, from
+  the current source;
+- each compiled module behaves as its ``.py`` (same names and values, same answers);
+- ``FLYPOOL_IMPL`` picks the implementation, and a stale build never runs;
 - a wheel built without a working C compiler is the pure package, tagged
-  ``py3-none-any``, and it works; one built with it carries the twins inside
-  ``flypool/`` and runs them.
+  ``py3-none-any``, and it works; one built with it carries the extensions
+  inside ``flypool/`` and runs them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import importlib
 import importlib.machinery
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -29,10 +31,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flypool import _impl
-from tests.impls import IMPLS, build_prerequisites_missing, impl_module, require_compiled
+from tests.impls import (
+    IMPLS,
+    build_prerequisites_missing,
+    impl_module,
+    pure_module,
+    require_compiled,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-TWINS = sorted(_impl.COMPILED_TWINS.items())
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
 def _public(module: ModuleType) -> dict[str, object]:
@@ -58,37 +66,35 @@ def _comparable(value: object) -> object:
     return value
 
 
-# -- the twins ------------------------------------------------------------------------------
+# -- the compiled modules -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("pure", "twin"), TWINS)
-def test_twin_is_compiled_from_current_source(pure: str, twin: str) -> None:
-    """The twin is a C extension next to the pure module, built from its current source."""
-    module = require_compiled(pure)
-    pure_module = importlib.import_module(pure)
-    assert module.__name__ == twin
-    assert module.__file__ is not None and pure_module.__file__ is not None
-    assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-    assert Path(module.__file__).parent == Path(pure_module.__file__).parent
-    source = Path(pure_module.__file__).read_bytes()
-    assert getattr(module, _impl.SOURCE_DIGEST_ATTR) == hashlib.sha256(source).hexdigest()
+@pytest.mark.parametrize("name", _impl.COMPILED)
+def test_module_is_compiled_from_current_source(name: str) -> None:
+    """An extension beside the .py, under the module's name, built from the .py as it is."""
+    module = impl_module(name, "compiled")
+    assert module.__file__ is not None
+    source, extensions = _impl.module_files(name, _impl.PACKAGE_DIR)
+    assert Path(module.__file__) in extensions
+    manifest = json.loads((_impl.PACKAGE_DIR / _impl.MANIFEST).read_text())
+    assert manifest["modules"][name] == hashlib.sha256(source.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(("pure", "twin"), TWINS)
-def test_twin_has_the_same_names_and_values(pure: str, twin: str) -> None:
+@pytest.mark.parametrize("name", _impl.COMPILED)
+def test_compiled_module_has_the_same_names_and_values(name: str) -> None:
     """Same public names; constants, tables and enums equal member by member."""
-    compiled = _public(require_compiled(pure))
-    plain = _public(importlib.import_module(pure))
+    compiled = _public(impl_module(name, "compiled"))
+    plain = _public(pure_module(name))
     assert sorted(compiled) == sorted(plain)
-    for name, value in plain.items():
-        assert _comparable(compiled[name]) == _comparable(value), name
+    for key, value in plain.items():
+        assert _comparable(compiled[key]) == _comparable(value), key
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_retry_policy_is_the_same(impl: str) -> None:
     """flypool.http.retry: every verdict over the whole input grid, as the pure module."""
     retry = impl_module("flypool.http.retry", impl)
-    pure = importlib.import_module("flypool.http.retry")
+    pure = pure_module("flypool.http.retry")
     for failure, replayable, resends, retries in itertools.product(
         range(len(pure.Failure)), (False, True), range(10), range(3)
     ):
@@ -133,9 +139,9 @@ def test_parsing_helpers_agree(
     body: bytes,
     connection: bytes,
 ) -> None:
-    """flypool.http.parsing: the compiled twin builds the same bytes as the pure module."""
-    compiled = require_compiled("flypool.http.parsing")
-    pure = importlib.import_module("flypool.http.parsing")
+    """flypool.http.parsing: the compiled module builds the same bytes as the pure one."""
+    compiled = impl_module("flypool.http.parsing", "compiled")
+    pure = pure_module("flypool.http.parsing")
     for m in (pure, compiled):
         assert m.build_request_head(method, target, b"1.1", headers) == pure.build_request_head(
             method, target, b"1.1", headers
@@ -152,81 +158,109 @@ def test_parsing_helpers_agree(
 
 # -- the choice -----------------------------------------------------------------------------
 
+_REPORT = (
+    "import flypool, flypool._impl as i, importlib; "
+    "print(i.choice().name); print(i.describe()); "
+    "print(' '.join(importlib.import_module(m).__file__ for m in i.COMPILED))"
+)
 
-def _choice_in_subprocess(value: str | None) -> subprocess.CompletedProcess[str]:
+
+def _run_python(code: str, value: str | None) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` with ``FLYPOOL_IMPL=value`` (unset for ``None``)."""
     env = {k: v for k, v in os.environ.items() if k != _impl.ENV}
     if value is not None:
         env[_impl.ENV] = value
-    code = "from flypool import _impl; c = _impl.choice(); print(c.name); print(c.describe())"
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
 
 
-def test_flypool_impl_pure_runs_pure() -> None:
-    """FLYPOOL_IMPL=pure: the pure modules, whatever is built."""
-    done = _choice_in_subprocess("pure")
+def test_flypool_impl_pure_runs_the_py_files() -> None:
+    """FLYPOOL_IMPL=pure: the .py files, even where the extensions are built."""
+    done = _run_python(_REPORT, "pure")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["pure", "pure Python (FLYPOOL_IMPL=pure)"]
+    name, description, files = done.stdout.splitlines()
+    assert (name, description) == ("pure", "pure Python (FLYPOOL_IMPL=pure)")
+    assert all(f.endswith(".py") for f in files.split())
 
 
-def test_flypool_impl_compiled_and_auto_run_the_twins() -> None:
-    """FLYPOOL_IMPL=compiled, and the default (auto), run the twins when they are built."""
-    for pure in _impl.COMPILED_TWINS:
-        require_compiled(pure)
+def test_flypool_impl_compiled_and_auto_run_the_extensions() -> None:
+    """FLYPOOL_IMPL=compiled, and the default (auto), run the extensions when they are built."""
+    require_compiled()
     for value in ("compiled", "auto", None):
-        done = _choice_in_subprocess(value)
+        done = _run_python(_REPORT, value)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines() == ["compiled", "compiled (mypyc)"]
+        name, description, files = done.stdout.splitlines()
+        assert (name, description) == ("compiled", "compiled (mypyc)")
+        assert all(f.endswith(SUFFIX) for f in files.split()), files
 
 
 def test_flypool_impl_refuses_unknown_values() -> None:
-    """A typo is an error, not a silent fallback."""
-    done = _choice_in_subprocess("fast")
+    """A typo is an error at import, not a silent fallback."""
+    done = _run_python("import flypool", "fast")
     assert done.returncode != 0
     assert "ImplementationError" in done.stderr and "FLYPOOL_IMPL='fast'" in done.stderr
 
 
 @pytest.fixture
-def fake_twin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    """A pure module and a (plain Python) stand-in for its twin, registered in COMPILED_TWINS."""
-    package = tmp_path / "fptwinpkg"
+def fake_package(tmp_path: Path) -> Iterator[Path]:
+    """``fpimplpkg/mod.py`` with a file beside it that only looks like its extension (loading
+    it would fail), and a manifest that says it was compiled from ``mod.py`` as it is."""
+    package = tmp_path / "fpimplpkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    pure = package / "mod.py"
-    pure.write_text("VALUE = 1\n")
-    digest = hashlib.sha256(pure.read_bytes()).hexdigest()
-    twin = package / "_mod_c.py"
-    twin.write_text(f"VALUE = 1\n{_impl.SOURCE_DIGEST_ATTR} = {digest!r}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(_impl.COMPILED_TWINS, "fptwinpkg.mod", "fptwinpkg._mod_c")
-    yield pure, twin
-    for name in ("fptwinpkg", "fptwinpkg.mod", "fptwinpkg._mod_c"):
-        sys.modules.pop(name, None)
+    source = package / "mod.py"
+    source.write_text("WHERE = 'py'\n")
+    (package / f"mod{SUFFIX}").write_bytes(b"not an ELF file")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    (package / _impl.MANIFEST).write_text(json.dumps({"modules": {"fpimplpkg.mod": digest}}))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield package
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("fpimplpkg", "fpimplpkg.mod"):
+            sys.modules.pop(name, None)
 
 
-def test_twin_built_from_this_source_is_used(fake_twin: tuple[Path, Path]) -> None:
-    """A twin whose digest matches its pure module's source may run."""
-    assert _impl.twin_problem("fptwinpkg.mod") == ""
+def test_built_from_this_source_is_compiled(fake_package: Path) -> None:
+    """Manifest, extension and source agree: auto and compiled choose compiled."""
+    for mode in ("auto", "compiled"):
+        assert _impl.decide(mode, ["fpimplpkg.mod"], fake_package).name == "compiled"
 
 
-def test_stale_twin_is_not_used(fake_twin: tuple[Path, Path]) -> None:
-    """An editable install whose pure source changed after the build: the twin is stale."""
-    pure, _ = fake_twin
-    pure.write_text("VALUE = 2\n")
-    problem = _impl.twin_problem("fptwinpkg.mod")
-    assert "stale" in problem and "pip install -e ." in problem
+def test_changed_source_is_not_run_compiled(fake_package: Path) -> None:
+    """An editable install whose source changed after the build: pure, and why."""
+    (fake_package / "mod.py").write_text("WHERE = 'changed'\n")
+    choice = _impl.decide("auto", ["fpimplpkg.mod"], fake_package)
+    assert choice.name == "pure" and "changed since it was compiled" in choice.reason
+    with pytest.raises(_impl.ImplementationError, match="changed since it was compiled"):
+        _impl.decide("compiled", ["fpimplpkg.mod"], fake_package)
 
 
-def test_twin_without_digest_or_missing_is_not_used(fake_twin: tuple[Path, Path]) -> None:
-    """No digest, or no twin at all: not usable, and the reason says which."""
-    _, twin = fake_twin
-    twin.write_text("VALUE = 1\n")
-    assert "carries no source digest" in _impl.twin_problem("fptwinpkg.mod")
-    twin.unlink()
-    sys.modules.pop("fptwinpkg._mod_c", None)
-    importlib.invalidate_caches()
-    assert _impl.twin_problem("fptwinpkg.mod") == "fptwinpkg._mod_c not built"
+def test_missing_manifest_or_extension_is_pure(fake_package: Path) -> None:
+    """No extension, or no manifest: pure, and the reason says which."""
+    (fake_package / f"mod{SUFFIX}").unlink()
+    assert (
+        "fpimplpkg.mod not compiled" in _impl.decide("auto", ["fpimplpkg.mod"], fake_package).reason
+    )
+    (fake_package / _impl.MANIFEST).unlink()
+    assert "not compiled at install" in _impl.decide("auto", ["fpimplpkg.mod"], fake_package).reason
+
+
+def test_pure_finder_loads_the_py_beside_an_extension(fake_package: Path) -> None:
+    """Python prefers the extension (here a broken one); the finder loads the .py instead."""
+    with pytest.raises(ImportError):
+        importlib.import_module("fpimplpkg.mod")
+    sys.modules.pop("fpimplpkg.mod", None)
+    finder = _impl.PureFinder(["fpimplpkg.mod"])
+    sys.meta_path.insert(0, finder)
+    try:
+        module = importlib.import_module("fpimplpkg.mod")
+    finally:
+        sys.meta_path.remove(finder)
+    assert module.WHERE == "py"
+    assert module.__file__ == str(fake_package / "mod.py")
 
 
 # -- wheels, with and without a compiler ----------------------------------------------------
@@ -281,10 +315,7 @@ def _run_from_wheel(wheel: Path, tmp_path: Path, code: str) -> str:
     return done.stdout
 
 
-_REPORT = (
-    "import flypool, flypool._impl as i; print(flypool.__file__); print(i.choice().name); "
-    "print(i.describe())"
-)
+_WHEEL_REPORT = "import flypool; print(flypool.__file__); " + _REPORT
 
 
 @pytest.mark.slow
@@ -297,17 +328,19 @@ def test_wheel_without_a_compiler_is_pure_and_works(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         names = whl.namelist()
     assert "flypool/_impl.py" in names
+    assert f"flypool/{_impl.MANIFEST}" not in names
     assert not [n for n in names if n.endswith(".so")]
-    lines = _run_from_wheel(wheel, tmp_path, _REPORT).splitlines()
-    assert lines[0].startswith(str(tmp_path / "unpacked"))
-    assert lines[1] == "pure"
-    assert "not built" in lines[2]
+    where, name, description, files = _run_from_wheel(wheel, tmp_path, _WHEEL_REPORT).splitlines()
+    assert where.startswith(str(tmp_path / "unpacked"))
+    assert (name, description) == ("pure", "pure Python (not compiled at install (no C "
+                                   "compiler, Python headers or mypyc?))")  # fmt: skip
+    assert all(f.endswith(".py") for f in files.split())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_wheel_with_a_compiler_carries_the_twins(tmp_path: Path) -> None:
-    """With gcc and the headers: a CPython wheel whose twins run, all inside flypool/."""
+def test_wheel_with_a_compiler_carries_the_extensions(tmp_path: Path) -> None:
+    """With gcc and the headers: a CPython wheel whose extensions run, all inside flypool/."""
     missing = build_prerequisites_missing()
     if missing:
         pytest.skip(f"cannot compile here: {missing}")
@@ -317,12 +350,16 @@ def test_wheel_with_a_compiler_carries_the_twins(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         names = whl.namelist()
     binaries = [n for n in names if n.endswith(".so")]
-    for twin in _impl.COMPILED_TWINS.values():
-        assert any(n.startswith(twin.replace(".", "/") + ".") for n in binaries), (twin, binaries)
+    for module in _impl.COMPILED:
+        path = module.replace(".", "/")
+        assert f"{path}{SUFFIX}" in binaries and f"{path}.py" in names, (module, binaries)
+    assert f"flypool/_mypyc__mypyc{SUFFIX}" in binaries
     assert all(n.startswith("flypool/") for n in binaries), binaries
-    lines = _run_from_wheel(wheel, tmp_path, _REPORT).splitlines()
-    assert lines[0].startswith(str(tmp_path / "unpacked"))
-    assert lines[1:] == ["compiled", "compiled (mypyc)"]
+    assert f"flypool/{_impl.MANIFEST}" in names
+    where, name, description, files = _run_from_wheel(wheel, tmp_path, _WHEEL_REPORT).splitlines()
+    assert where.startswith(str(tmp_path / "unpacked"))
+    assert (name, description) == ("compiled", "compiled (mypyc)")
+    assert all(f.endswith(SUFFIX) for f in files.split()), files
 
 
 def test_status_and_version_say_which_implementation_runs() -> None:

@@ -1,63 +1,64 @@
 """Which implementation of the proxy's hot path runs: compiled (mypyc) or pure Python.
 
-At install time ``setup.py`` compiles a copy of each module named in
-`COMPILED_TWINS` with mypyc, under the twin's name (``flypool.http.parsing``
-→ ``flypool.http._parsing_c``), next to the pure module; where that cannot be
-done (no C compiler, no Python headers, no mypyc) only the pure modules are
-installed. Both stay importable side by side, so tests can run each.
+At install time ``setup.py`` compiles the modules named in `COMPILED` with
+mypyc, in place: ``flypool/http/parsing.py`` gets a
+``flypool/http/parsing.cpython-311-x86_64-linux-gnu.so`` beside it, which
+Python imports in its stead (the way mypy and black ship themselves). The
+build also writes `MANIFEST` (``flypool/_compiled.json``): the SHA-256 of
+each module's source as it was compiled. Where nothing can be compiled (no C
+compiler, no Python headers, no mypyc) only the ``.py`` files are installed.
 
-The choice is made once per process, for all twins together, from the
-environment variable ``FLYPOOL_IMPL``:
+The choice is made once, when ``flypool`` is first imported (`install`),
+for all the modules together, from the environment variable ``FLYPOOL_IMPL``:
 
-- ``auto`` (default): compiled when every twin imports and was built from the
-  pure module's current source, else pure;
-- ``pure``: the pure-Python modules;
-- ``compiled``: the compiled twins, or `ImplementationError` when one is
-  missing or stale.
+- ``auto`` (default): compiled when every module has its extension and was
+  built from the ``.py`` that is there now, else pure;
+- ``pure``: the ``.py`` files, even where extensions exist;
+- ``compiled``: the extensions, or `ImplementationError` (at import) when one
+  is missing or stale.
 
-A twin carries the SHA-256 of the source it was compiled from: in an editable
-install (``pip install -e .``) the pure source can change after the build, and
-a stale twin must not run in its place.
+Pure means a finder at the head of ``sys.meta_path`` that loads those modules
+from their ``.py`` files. The digest check matters in an editable install
+(``pip install -e .``): the source can change after the build, and a stale
+extension must not run in its place. Subprocesses inherit ``FLYPOOL_IMPL``, so
+a daemon and its tests agree. The modules keep their names either way: the
+rest of flypool imports them as usual.
 
-A consumer module picks an implementation like this (type checkers see the
-pure module, which defines the types)::
-
-    from typing import TYPE_CHECKING
-    from flypool import _impl
-
-    if TYPE_CHECKING:
-        from flypool.http.state import ClientMachine
-    else:
-        ClientMachine = _impl.load("flypool.http.state").ClientMachine
-
-This module imports the standard library only: ``setup.py`` reads
-`COMPILED_TWINS` from it before anything else is installed.
+This module imports the standard library only: ``setup.py`` reads `COMPILED`
+from it before anything else is installed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
+import json
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import Final
 
-COMPILED_TWINS: Final[dict[str, str]] = {
-    "flypool.http.parsing": "flypool.http._parsing_c",
-    "flypool.http.retry": "flypool.http._retry_c",
-}
-"""Pure module → the name its mypyc-compiled copy is built under."""
+COMPILED: Final[tuple[str, ...]] = (
+    "flypool.http.parsing",
+    "flypool.http.retry",
+)
+"""The modules that setup.py compiles with mypyc (one shared library, one group)."""
 
-SOURCE_DIGEST_ATTR: Final = "__flypool_source_sha256__"
-"""Module attribute of a twin: SHA-256 (hex) of the pure source it was compiled from."""
+MANIFEST: Final = "_compiled.json"
+"""In the ``flypool`` package: ``{"modules": {name: sha256 of the source compiled}}``."""
 
 ENV: Final = "FLYPOOL_IMPL"
 """Environment variable that chooses: ``auto``, ``pure`` or ``compiled``."""
 
 MODES: Final = ("auto", "pure", "compiled")
+
+PACKAGE_DIR: Final = Path(__file__).resolve().parent
+"""The installed ``flypool`` package (where the manifest and the modules are)."""
 
 
 class ImplementationError(RuntimeError):
@@ -84,74 +85,100 @@ class Choice:
         return "compiled hot path" if self.name == "compiled" else "pure-Python hot path"
 
 
-def source_digest(path: str) -> str:
+def source_digest(path: Path) -> str:
     """SHA-256 (hex) of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def twin_problem(pure: str) -> str:
-    """Why the compiled twin of ``pure`` cannot run (empty when it can)."""
-    twin = COMPILED_TWINS[pure]
+def module_files(name: str, package_dir: Path) -> tuple[Path, list[Path]]:
+    """The ``.py`` file of module ``name`` (``flypool.x.y``) under ``package_dir`` (the
+    directory of its top-level package), and the extension files beside it."""
+    parts = name.split(".")
+    folder = package_dir.joinpath(*parts[1:-1])
+    stem = parts[-1]
+    extensions = [folder / f"{stem}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    return folder / f"{stem}.py", [p for p in extensions if p.exists()]
+
+
+def problems(modules: Sequence[str], package_dir: Path) -> list[str]:
+    """Why the compiled modules cannot run (empty: they can), without importing any."""
     try:
-        module = importlib.import_module(twin)
-    except ModuleNotFoundError:
-        return f"{twin} not built"
-    except Exception as err:  # e.g. an undefined symbol: as bad as missing
-        return f"{twin} does not import ({err.__class__.__name__}: {err})"
-    built_from = getattr(module, SOURCE_DIGEST_ATTR, None)
-    spec = importlib.util.find_spec(pure)
-    origin = spec.origin if spec is not None else None
-    if built_from is None:
-        return f"{twin} carries no source digest"
-    # Only where the pure source is at hand (an install without .py files has
-    # nothing to compare with, and nothing that could have changed).
-    readable = origin is not None and origin.endswith(".py") and os.path.exists(origin)
-    if readable and origin is not None and source_digest(origin) != built_from:
-        return f"{twin} is stale: {pure} changed since the build (pip install -e . again)"
-    return ""
+        manifest = json.loads((package_dir / MANIFEST).read_text())
+        built: dict[str, str] = manifest["modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["not compiled at install (no C compiler, Python headers or mypyc?)"]
+    found = []
+    for name in modules:
+        source, extensions = module_files(name, package_dir)
+        if name not in built or not extensions:
+            found.append(f"{name} not compiled")
+        elif source.exists() and source_digest(source) != built[name]:
+            found.append(f"{name} changed since it was compiled (pip install -e . again)")
+    return found
 
 
-def mode() -> str:
-    """The mode asked for by ``FLYPOOL_IMPL`` (``auto`` when unset)."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ImplementationError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
-    return value
-
-
-@cache
-def choice() -> Choice:
-    """The implementation of this process (decided on the first call, then fixed)."""
-    wanted = mode()
+def decide(wanted: str, modules: Sequence[str], package_dir: Path) -> Choice:
+    """The choice for mode ``wanted``; `ImplementationError` when ``compiled`` cannot be had."""
+    if wanted not in MODES:
+        raise ImplementationError(f"{ENV}={wanted!r}: expected one of {', '.join(MODES)}")
     if wanted == "pure":
         return Choice("pure", f"{ENV}=pure")
-    problems = [p for p in map(twin_problem, COMPILED_TWINS) if p]
-    if not problems:
+    found = problems(modules, package_dir)
+    if not found:
         return Choice("compiled", "")
     if wanted == "compiled":
-        raise ImplementationError(f"{ENV}=compiled: " + "; ".join(problems))
-    return Choice("pure", "; ".join(problems))
+        raise ImplementationError(f"{ENV}=compiled: " + "; ".join(found))
+    return Choice("pure", "; ".join(found))
 
 
-def load(pure: str) -> ModuleType:
-    """The module to use for ``pure``: its compiled twin or itself, per `choice`."""
-    if pure in COMPILED_TWINS and choice().name == "compiled":
-        return importlib.import_module(COMPILED_TWINS[pure])
-    return importlib.import_module(pure)
+class PureFinder(importlib.abc.MetaPathFinder):
+    """Finds the named modules as their ``.py`` files, passing over extension modules."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = frozenset(modules)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        """A source spec for one of our modules; ``None`` (the usual finders) otherwise."""
+        if fullname not in self.modules:
+            return None
+        stem = fullname.rpartition(".")[2]
+        for entry in path if path is not None else sys.path:
+            source = os.path.join(entry, f"{stem}.py")
+            if os.path.exists(source):
+                return importlib.util.spec_from_file_location(fullname, source)
+        return None
+
+
+_choice: Choice | None = None
+
+
+def install() -> Choice:
+    """Decide once per process; when pure, make the modules load from their ``.py`` files.
+
+    Called by ``flypool/__init__.py``, before any of the modules is imported.
+    """
+    global _choice
+    if _choice is None:
+        wanted = os.environ.get(ENV, "auto").strip().lower() or "auto"
+        choice = decide(wanted, COMPILED, PACKAGE_DIR)
+        if choice.name == "pure":
+            sys.meta_path.insert(0, PureFinder(COMPILED))
+        _choice = choice
+    return _choice
+
+
+def choice() -> Choice:
+    """The implementation of this process."""
+    return install()
 
 
 def describe() -> str:
-    """`Choice.describe` of this process; never raises (a bad ``FLYPOOL_IMPL`` is shown)."""
-    try:
-        return choice().describe()
-    except ImplementationError as err:
-        return f"unavailable ({err})"
+    """`Choice.describe` of this process."""
+    return choice().describe()
 
 
 def summary() -> str:
-    """`Choice.summary` of this process; never raises."""
-    try:
-        return choice().summary()
-    except ImplementationError:
-        return f"hot path unavailable: bad {ENV}"
+    """`Choice.summary` of this process."""
+    return choice().summary()
