@@ -17,6 +17,10 @@ time (``/proc/PID/stat``, user and system apart) and, with ``--syscalls``,
 counts the daemon's system calls with ``perf stat`` syscall tracepoints (all
 threads; costs a few per cent of throughput, alike for every variant).
 
+The variant named ``nginx`` is nginx instead (1 worker, upstream keepalive
+64, as in router_compare.py) in front of a fast backend of its own on a Unix
+socket; its CPU and syscalls are the master's and the worker's.
+
 A variant is ``NAME[:ENV=VALUE[,ENV=VALUE...]][@LAUNCHER]``: the environment
 is set for that daemon only; ``LAUNCHER`` is a Python file run instead of
 ``-m flypool`` (it receives ``-m flypool run ...`` as arguments and may
@@ -53,7 +57,19 @@ import harness as h
 
 PERF = shutil.which("perf")
 """``perf`` (Debian ``linux-perf``), for ``--syscalls``."""
-SYSCALLS = ["read", "write", "writev", "epoll_pwait", "epoll_ctl", "futex", "openat"]
+SYSCALLS = [
+    "read",
+    "readv",
+    "recvfrom",
+    "write",
+    "writev",
+    "sendto",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_ctl",
+    "futex",
+    "openat",
+]
 """Syscalls counted one by one with ``--syscalls`` (the total counts every syscall)."""
 WORKER = [h.PY, h.APPS / "fast_backend.py", "--socket", "{socket}"]
 DEFAULT_OUT = h.OUT / "hotpath_ab.json"
@@ -67,7 +83,9 @@ class Variant:
     name: str
     env: dict[str, str]
     launcher: str | None = None
-    daemon: h.Flypool | None = None
+    server: h.Server | None = None
+    pids: list[int] = field(default_factory=list)
+    """The processes whose CPU time and syscalls count."""
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -75,7 +93,8 @@ class Variant:
         """``NAME[:ENV=VALUE,...][@LAUNCHER]``."""
         launcher = None
         if "@" in text:
-            text, launcher = text.split("@", 1)
+            text, where = text.split("@", 1)
+            launcher = str(Path(where).resolve())  # the daemon runs in its own directory
         name, _, env_text = text.partition(":")
         env: dict[str, str] = {}
         for item in filter(None, env_text.split(",")):
@@ -86,14 +105,34 @@ class Variant:
         return cls(name, env, launcher)
 
 
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime, stime) of ``pid`` in clock ticks (all threads)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[11]), int(fields[12])
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of ``pids`` in clock ticks (all threads), summed."""
+    user = system = 0
+    for pid in pids:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
 
 
-def start_variant(variant: Variant) -> h.Flypool:
+def start_variant(variant: Variant, stack: contextlib.ExitStack) -> None:
+    """Start the server of ``variant``; ``nginx`` is nginx (1 worker, upstream keepalive 64)
+    in front of a fast backend of its own, on a Unix socket; the others are flypool."""
+    if variant.name == "nginx":
+        tmp = h.tmpdir("fpab")
+        stack.callback(shutil.rmtree, tmp, True)
+        sock = f"unix:{tmp}/backend.sock"
+        argv = [str(a).format(socket=sock[5:]) for a in WORKER]
+        backend = stack.enter_context(h.start_server("backend", argv, sock))
+        assert backend is not None
+        variant.server = stack.enter_context(h.nginx(sock))
+        variant.pids = [variant.server.proc.pid, *h.children(variant.server.proc.pid)]
+        return
+    variant.server = stack.enter_context(flypool_variant(variant))
+    variant.pids = [variant.server.proc.pid]
+
+
+def flypool_variant(variant: Variant) -> h.Flypool:
     """Start the daemon of ``variant`` with its environment (restored afterwards)."""
     saved = {key: os.environ.get(key) for key in variant.env}
     os.environ.update(variant.env)  # the daemon inherits it; its worker too
@@ -108,7 +147,7 @@ def start_variant(variant: Variant) -> h.Flypool:
                 os.environ[key] = value
 
 
-def perf_argv(pid: int, seconds: float, out: Path) -> list[str]:
+def perf_argv(pids: list[int], seconds: float, out: Path) -> list[str]:
     """``perf stat`` counting the daemon's syscalls for ``seconds``."""
     assert PERF is not None
     events = ["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{s}" for s in SYSCALLS)]
@@ -119,7 +158,7 @@ def perf_argv(pid: int, seconds: float, out: Path) -> list[str]:
         "-e",
         ",".join(events),
         "-p",
-        str(pid),
+        ",".join(map(str, pids)),
         "-o",
         str(out),
         "--",
@@ -142,24 +181,24 @@ def read_perf(out: Path) -> dict[str, int]:
 
 
 def one_run(variant: Variant, number: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Load ``variant``'s daemon once; its figures."""
-    daemon = variant.daemon
-    assert daemon is not None
-    pid = daemon.proc.pid
+    """Load ``variant``'s server once; its figures."""
+    server = variant.server
+    assert server is not None
+    pids = variant.pids
     perf: subprocess.Popen[bytes] | None = None
-    perf_out = daemon.tmp / f"perf-{number}.txt"
+    perf_out = server.tmp / f"perf-{number}.txt"
     if args.syscalls:
         # perf stat starts counting at once; it runs a little past wrk, which
         # adds idle-loop syscalls only (a timer or two).
         perf = subprocess.Popen(
-            perf_argv(pid, args.duration + 0.5, perf_out),
+            perf_argv(pids, args.duration + 0.5, perf_out),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         time.sleep(0.2)
-    user0, sys0 = cpu_ticks(pid)
-    wrk = h.wrk(daemon.url, args.duration, connections=args.connections)
-    user1, sys1 = cpu_ticks(pid)
+    user0, sys0 = cpu_ticks(pids)
+    wrk = h.wrk(server.url, args.duration, connections=args.connections)
+    user1, sys1 = cpu_ticks(pids)
     requests = max(wrk["requests"], 1)
     run: dict[str, Any] = {
         "round": number,
@@ -197,10 +236,19 @@ def paired(a: Variant, b: Variant, key: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def best(variant: Variant, key: str) -> float | None:
+    """The lowest value over the runs (a cost's least-disturbed reading on a busy machine)."""
+    values = [r[key] for r in variant.runs if r.get(key) is not None]
+    return min(values) if values else None
+
+
 def table(variants: list[Variant], syscalls: bool) -> str:
     """Markdown summary: medians, and per-round ratios to the first variant."""
-    head = "| variant | req/s | x base | CPU µs/req | x base | user µs | sys µs | p50 ms | p99 ms"
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:"
+    head = (
+        "| variant | req/s | x base | CPU µs/req | x base | user µs | x base | sys µs "
+        "| best CPU µs | best user µs | p50 ms | p99 ms"
+    )
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
     if syscalls:
         head += " | syscalls/req | " + " | ".join(SYSCALLS)
         sep += "|---:" * (1 + len(SYSCALLS))
@@ -218,7 +266,10 @@ def table(variants: list[Variant], syscalls: bool) -> str:
             fmt(median(v, "cpu_us_per_req"), 1),
             fmt(paired(v, base, "cpu_us_per_req"), 3),
             fmt(median(v, "user_us_per_req"), 1),
+            fmt(paired(v, base, "user_us_per_req"), 3),
             fmt(median(v, "sys_us_per_req"), 1),
+            fmt(best(v, "cpu_us_per_req"), 1),
+            fmt(best(v, "user_us_per_req"), 1),
             fmt(median(v, "p50_ms"), 2),
             fmt(median(v, "p99_ms"), 2),
         ]
@@ -271,12 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as cleanup:
         for v in variants:
             log(f"starting {v.name} {v.env} {v.launcher or ''}")
-            v.daemon = start_variant(v)
-            cleanup.callback(v.daemon.stop)
+            start_variant(v, cleanup)
         for v in variants:
-            assert v.daemon is not None
+            assert v.server is not None
             if args.warmup:
-                h.wrk(v.daemon.url, args.warmup, connections=args.connections)
+                h.wrk(v.server.url, args.warmup, connections=args.connections)
         for number in range(1, args.rounds + 1):
             for v in variants:
                 run = one_run(v, number, args)
