@@ -31,6 +31,7 @@ from flypool.http.request import Request, ServerState
 from flypool.http.router import Router
 from flypool.http.server import ListenError, bind, remove_socket_file, serve, sweep
 from flypool.pool.app import AppPool
+from flypool.pool.preload_launcher import PreloadLauncher
 from flypool.pool.sampler import Sample, run_sampler
 from flypool.pool.worker import Worker, WorkerState
 from flypool.restart_file import watch_restart_file
@@ -201,6 +202,8 @@ class Daemon:
 
     def _add_pool(self, app: AppConfig, loop: asyncio.AbstractEventLoop) -> AppPool:
         pool = AppPool(app, loop, self.runtime_dir, self.log)
+        # Cold fork+exec unless the app has ``preload`` (a reload may set it).
+        pool.controller.launcher = PreloadLauncher(pool.controller, pool.log)
         access_log = self.config.daemon.access_log
         if access_log:
             pool.router.access_log = make_access_logger(pool.name, access_log, loop)
@@ -499,6 +502,9 @@ class Daemon:
         for p in self.pools.values():
             p.controller.stop(graceful=not self.fast, deadline=deadline)
         await asyncio.gather(*(p.controller.wait_stopped() for p in self.pools.values()))
+        for p in self.pools.values():
+            if isinstance(p.controller.launcher, PreloadLauncher):
+                await p.controller.launcher.close()
         for conn in list(self.state.connections):
             if conn.transport is not None:
                 conn.transport.close()

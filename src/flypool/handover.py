@@ -48,8 +48,11 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from flypool.http.client import ClientConnection
 from flypool.pool import snapshot
-from flypool.pool.spawner import AdoptedProcess, follow_output
+from flypool.pool.preload_launcher import PreloadLauncher, reap_previous
+from flypool.pool.spawner import AdoptedProcess, ProcessHandle, follow_output
+from flypool.pool.stack_dump import LineFanout
 from flypool.pool.worker import Worker, WorkerState
+from flypool.preload import PreloadedProcess, lifeline
 
 if TYPE_CHECKING:
     from flypool.http.request import ServerState
@@ -271,6 +274,16 @@ async def _run(host: HandoverHost, prep: Prepared, undo: _Undo) -> None:
             undo.passed_fds.append(fd)
             clients.append({"app": conn.router.app, "fd": fd})
     workers = [_worker_state(p.name, w, now, undo) for p in pools for w in p.workers]
+    # Preloaded workers hold the read end of the lifeline: its write end must
+    # cross the execv, or the kernel signals them all at the switch.
+    lifeline_fds = [_keep(fd) for fd in lifeline.existing() or ()]
+    undo.passed_fds.extend(lifeline_fds)
+    preloaders = [
+        pid
+        for p in pools
+        if isinstance(p.controller.launcher, PreloadLauncher)
+        for pid in p.controller.launcher.handover_pids()
+    ]
     doc = {
         "runtime_dir": host.runtime_dir,
         "listeners": {k: {"fd": fd, "owned": owned} for k, (fd, owned) in undo.listeners.items()},
@@ -282,6 +295,8 @@ async def _run(host: HandoverHost, prep: Prepared, undo: _Undo) -> None:
             for p in pools
         },
         "uptime_s": now - host.started_at,
+        "lifeline": lifeline_fds,
+        "preloaders": preloaders,
         "pending": list(host.pending),
         "written_at": time.time(),
     }
@@ -311,6 +326,12 @@ def _worker_state(app: str, w: Worker, now: float, undo: _Undo) -> dict[str, Any
             with contextlib.suppress(OSError):
                 fds[i] = _keep(fd)
                 undo.passed_fds.append(fds[i])
+    # A preloaded worker is not our child: the new image watches it through
+    # this pidfd (never through a pid that may have been reused).
+    pidfd = w.proc.pidfd if isinstance(w.proc, PreloadedProcess) else None
+    if pidfd is not None:
+        pidfd = _keep(pidfd)
+        undo.passed_fds.append(pidfd)
     return {
         "app": app,
         "pid": w.pid,
@@ -332,6 +353,7 @@ def _worker_state(app: str, w: Worker, now: float, undo: _Undo) -> dict[str, Any
         "attempt": w.attempt,
         "out_fd": fds[0],
         "err_fd": fds[1],
+        "pidfd": -1 if pidfd is None else pidfd,
     }
 
 
@@ -386,6 +408,9 @@ async def adopt(
     """
     host.started_at = loop.time() - handed.get("uptime_s", 0.0)
     now = loop.time()
+    if handed.get("lifeline"):
+        lifeline.adopt(*handed["lifeline"])
+    reap_previous(handed.get("preloaders", []), host.log)
     for name, info in handed["pools"].items():
         pool = host.pools.get(name)
         if pool is None:
@@ -395,10 +420,13 @@ async def adopt(
     adopted = 0
     for ws in handed["workers"]:
         fds = (ws["out_fd"], ws["err_fd"])
-        for fd in fds:
+        pidfd = ws.get("pidfd", -1)
+        for fd in (*fds, pidfd):
             if fd >= 0:
                 os.set_inheritable(fd, False)
         pool = host.pools.get(ws["app"])
+        if (pool is None or not ws["pid"]) and pidfd >= 0:
+            os.close(pidfd)
         if pool is None or not ws["pid"]:
             # The app left the configuration: its workers go.
             if ws["pid"]:
@@ -409,16 +437,24 @@ async def adopt(
                     os.close(fd)
             continue
         w = _adopted_worker(ws, now)
+        proc: ProcessHandle
         try:
-            proc = AdoptedProcess(w.pid)
+            # A preloaded worker's exit is seen on its pidfd (its status went
+            # to its preloader); a cold one is our child and reaped by pid.
+            proc = PreloadedProcess(w.pid, pidfd, None) if pidfd >= 0 else AdoptedProcess(w.pid)
         except ProcessLookupError:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
             continue  # exited and reaped during the switch; the pool refills its slot
+        if w.spawn == "preload":
+            w.fanout = LineFanout()
         if fds[0] >= 0 and fds[1] >= 0:
             await follow_output(w, fds[0], fds[1], pool.name, pool.log)
         pool.controller.procs.adopt(w, proc, w.started_at + pool.cfg.start_timeout)
+        launcher = pool.controller.launcher
+        if isinstance(launcher, PreloadLauncher):
+            launcher.watch(proc)
         adopted += 1
     for c in handed["clients"]:
         cpool = host.pools.get(c["app"])

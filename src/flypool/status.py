@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flypool import __version__, _impl
+from flypool.pool.preload_launcher import PreloadLauncher
 
 if TYPE_CHECKING:
     from flypool.pool.app import AppPool
@@ -46,6 +47,8 @@ def app_status(pool: AppPool, now: float) -> dict[str, Any]:
         for w in sorted(pool.workers, key=lambda w: w.number)
     ]
     el = ctl.elastic
+    launcher = ctl.launcher
+    preloaders = launcher.status() if isinstance(launcher, PreloadLauncher) else []
     return {
         "name": cfg.name,
         "root": cfg.root,
@@ -68,6 +71,7 @@ def app_status(pool: AppPool, now: float) -> dict[str, Any]:
         if ctl.procs.spawn_error
         else None,
         "workers": workers,
+        "preloaders": preloaders,
     }
 
 

@@ -176,7 +176,8 @@ def _render_worker(worker: Mapping[str, Any], replacing_pid: Any) -> list[str]:
         f"  * PID: {pid:<5}   Sessions: {sessions:<5}   Processed: {processed:<5}   "
         f"Uptime: {uptime}",
         f"    CPU: {cpu:<5}   Memory  : {memory:<5}   Last used: {last_used}",
-        f"    Release: {_str(worker.get('release'))}   State: {_str(worker.get('state'))}",
+        f"    Release: {_str(worker.get('release'))}   State: {_str(worker.get('state'))}"
+        + (f"   Spawn: {worker['spawn']}" if worker.get("spawn") else ""),
     ]
     if replacing_pid is not None and worker.get("pid") == replacing_pid:
         lines.append("    Rolling restarting...")
@@ -221,9 +222,21 @@ def _render_app(app: Mapping[str, Any]) -> list[str]:
     if spawn_error is not None:
         lines.extend(_render_error("Spawn error", spawn_error))
 
+    lines.extend(
+        _render_preloader(p) for p in _list(app.get("preloaders")) if isinstance(p, Mapping)
+    )
     for worker in workers:
         lines.extend(_render_worker(worker, replacing_pid))
     return lines
+
+
+def _render_preloader(p: Mapping[str, Any]) -> str:
+    took = _opt_float(p.get("import_s"))
+    imported = f", imported in {took:.2f}s" if took is not None else ""
+    return (
+        f"  Preloader: PID {_str(p.get('pid'))} {_str(p.get('state'))}{imported}, "
+        f"{_int(p.get('workers'))} workers forked now, release {_str(p.get('release'))}"
+    )
 
 
 def render_status(status: Mapping[str, Any], now: datetime | None = None) -> str:

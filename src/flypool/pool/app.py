@@ -22,6 +22,7 @@ from flypool.http.router import Router
 from flypool.http.waits import WaitRecorder
 from flypool.pool.controller import Controller, now_iso
 from flypool.pool.spawner import Launcher
+from flypool.pool.stuck_stack import HeldRequest
 from flypool.pool.worker import Worker
 
 if TYPE_CHECKING:
@@ -58,6 +59,19 @@ class PoolRouter(Router):
         ctl = self.controller
         if w is not None and ctl is not None:
             ctl.slot_freed(w)
+
+    def held_by(self, w: Worker) -> list[HeldRequest]:
+        """The requests ``w`` holds (a stuck worker's stack event names them)."""
+        now = self.loop.time()
+        return [
+            HeldRequest(
+                r.method.decode("latin-1"),
+                r.target.decode("latin-1"),
+                now - r.clock_at if r.clock_at else 0.0,
+            )
+            for r in self.active
+            if r.worker is w
+        ]
 
     def reroute_connecting(self, w: Worker) -> None:
         """Requests still connecting to the dead ``w`` were never sent: go elsewhere (SPEC §6)."""
@@ -101,7 +115,7 @@ class AppPool:
         router.on_request_done = ctl.request_done
         router.queue_waits = _Tee(router.queue_waits, ctl.elastic.window)
         router.recycle = lambda w: ctl.replace(w, "max_requests reached")
-        router.stuck = lambda w: ctl.stuck(w, "max_request_time exceeded")
+        router.stuck = lambda w: ctl.stuck(w, "max_request_time exceeded", router.held_by(w))
         self.started_at = loop.time()
 
     @property

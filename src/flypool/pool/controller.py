@@ -32,7 +32,7 @@ a preloader replaces the cold fork+exec by assigning ``controller.launcher``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flypool.config import AppConfig
@@ -41,6 +41,7 @@ from flypool.pool.elastic import Elastic
 from flypool.pool.plans import RESTART_PLANS, Plan, RestartPlan, SteadyPlan, StopPlan, View
 from flypool.pool.processes import Failure, Processes, RouterPort, now_iso
 from flypool.pool.spawner import Launcher
+from flypool.pool.stuck_stack import HeldRequest, Stuck
 from flypool.pool.worker import Event, Worker, WorkerState
 
 if TYPE_CHECKING:
@@ -244,14 +245,17 @@ class Controller:
         self.log.warning("replacing worker", pid=w.pid, reason=reason)
         self.poke()
 
-    def stuck(self, w: Worker, reason: str) -> None:
-        """``w`` is stuck (max_request_time): out of routing and signalled now."""
+    def stuck(self, w: Worker, reason: str, requests: Sequence[HeldRequest] = ()) -> None:
+        """``w`` is stuck (max_request_time): out of routing, its stack logged, then signalled.
+
+        ``requests`` are the ones it is stuck on (named in the stack event).
+        """
         if w.state not in (_S.READY, _S.DRAINING):
             return
         self.log.warning("replacing worker", pid=w.pid, reason=reason)
         if w.state is _S.READY:
             w.transition(Event.DRAIN)
-        self.procs.stop(w)
+        self.procs.stop(w, Stuck(reason, tuple(requests)))
         self.poke()
 
     def slot_freed(self, w: Worker) -> None:

@@ -41,6 +41,7 @@ from flypool.config import AppConfig
 from flypool.pool import memory, spawner
 from flypool.pool.plans import UNLIMITED
 from flypool.pool.spawner import Launcher, ProcessHandle, SpawnError
+from flypool.pool.stuck_stack import Stuck, log_stack
 from flypool.pool.worker import Event, Worker, WorkerState
 
 if TYPE_CHECKING:
@@ -179,6 +180,8 @@ class Processes:
         # Restart counts of crashed workers, inherited by their replacements.
         self._crashed: list[int] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Workers (by number) whose stack was logged already: one event per kill.
+        self._stacked: set[int] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -356,6 +359,7 @@ class Processes:
             w.transition(Event.EXIT)
         with contextlib.suppress(ValueError):
             self.workers.remove(w)
+        self._stacked.discard(w.number)
         self.router.retire_idle(w)
         spawner.cleanup_socket(w)
         # Children of the worker that outlived it (same process group).
@@ -429,8 +433,12 @@ class Processes:
                 self.router.fail_worker(w, 502, "worker stopped (drain_timeout)")
                 self.stop(w)
 
-    def stop(self, w: Worker) -> None:
-        """Stop ``w`` now (a SPAWNING one with no process yet: as soon as it has one)."""
+    def stop(self, w: Worker, stuck: Stuck | None = None) -> None:
+        """Stop ``w`` now (a SPAWNING one with no process yet: as soon as it has one).
+
+        A ``stuck`` worker (max_request_time) has its stack logged first,
+        then gets the stop signal.
+        """
         if not w.can(Event.STOP):
             return
         if w.timer is not None:
@@ -438,7 +446,16 @@ class Processes:
             w.timer = None
         w.transition(Event.STOP)
         self.router.retire_idle(w)
-        if w.pid:
+        if w.pid and stuck is not None:
+            self._stacked.add(w.number)
+            self._task(self._stack_then_stop(w, stuck))
+        elif w.pid:
+            self._signal_stop(w)
+
+    async def _stack_then_stop(self, w: Worker, stuck: Stuck) -> None:
+        await log_stack(w, self.log, stuck.reason, stuck.requests)
+        # Still ours to signal: not exited, and no fast stop took over (hurry).
+        if w.state is _S.STOPPING and w.timer is None:
             self._signal_stop(w)
 
     def _signal_stop(self, w: Worker) -> None:
@@ -453,9 +470,24 @@ class Processes:
 
     def _kill(self, w: Worker) -> None:
         w.timer = None
-        if w.state is _S.STOPPING and w.pid:
-            self.log.warning("worker ignored stop signal; killing", pid=w.pid)
-            spawner.signal_group(w.pid, signal.SIGKILL)
+        if w.state is not _S.STOPPING or not w.pid:
+            return
+        if w.number in self._stacked:
+            self._sigkill(w)
+            return
+        # Its stack says where it is stuck: logged (at most ~2 s) before the kill.
+        self._stacked.add(w.number)
+        self._task(self._stack_then_kill(w))
+
+    async def _stack_then_kill(self, w: Worker) -> None:
+        sig = signal.Signals(self.cfg.stop_signal).name
+        await log_stack(w, self.log, f"ignored {sig} past stop_timeout; killing")
+        if w.state is _S.STOPPING:
+            self._sigkill(w)
+
+    def _sigkill(self, w: Worker) -> None:
+        self.log.warning("worker ignored stop signal; killing", pid=w.pid)
+        spawner.signal_group(w.pid, signal.SIGKILL)
 
     def cap_drains(self, deadline: float) -> None:
         """Drains in progress end no later than ``deadline`` (a graceful stop's)."""

@@ -295,6 +295,8 @@ async def _pump(
         text = line.decode(errors="replace").rstrip("\r\n")
         w.output.append(text)
         log.info("worker output", app=app, pid=w.pid, stream=name, line=text)
+        if w.fanout is not None and name == "stderr":
+            w.fanout.feed(text)  # a faulthandler stack dump is collected from here
 
 
 async def _probe(cfg: AppConfig, address: str) -> bool:

@@ -89,6 +89,7 @@ class Worker:
         "deadline",
         "exit_status",
         "extra",
+        "fanout",
         "generation",
         "idle_conns",
         "inflight",
@@ -152,6 +153,9 @@ class Worker:
         self.canary = False
         # "cold" (fork+exec) or "preload" (forked from a preloader, SPEC §11).
         self.spawn = "cold"
+        # Preloaded workers: their stderr lines also go through this
+        # (a stack_dump.LineFanout), where a faulthandler dump is picked up.
+        self.fanout: Any = None
         # DRAINING: when in-flight requests are cut; STOPPING: when SIGKILL follows.
         self.deadline = 0.0
         self.timer: Any = None

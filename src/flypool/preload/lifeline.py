@@ -29,6 +29,11 @@ def fds() -> tuple[int, int]:
     return _fds
 
 
+def existing() -> tuple[int, int] | None:
+    """The (read, write) ends if this process made or adopted them, else None."""
+    return _fds
+
+
 def adopt(read_fd: int, write_fd: int) -> None:
     """Use ends inherited across a hand-over (made close-on-exec again)."""
     global _fds

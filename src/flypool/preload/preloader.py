@@ -169,6 +169,11 @@ class PreloadedProcess:
         if not self._done.done():
             self._done.set_result(code)
 
+    @property
+    def pidfd(self) -> int | None:
+        """The pidfd watching the worker while it runs (a USR2 hand-over passes it on)."""
+        return self._pidfd if self.returncode is None else None
+
     async def wait(self) -> int:
         """The exit code (negative: killed by that signal; ``UNKNOWN_EXIT``: lost)."""
         return await asyncio.shield(self._done)
