@@ -86,3 +86,12 @@ def test_every_state_reaches_exited() -> None:
     for state, edges in TRANSITIONS.items():
         if state is not WorkerState.EXITED:
             assert edges[Event.EXIT] is WorkerState.EXITED
+
+
+def test_a_canary_wins_no_tie_by_generation() -> None:
+    """During a canary both generations see traffic: ties go to the worker idle longest."""
+    old, canary = _w(1, gen=1, last_used=0.0), _w(2, gen=2, last_used=5.0)
+    canary.canary = True
+    assert pick([old, canary], 0) is old
+    old.last_used = 9.0
+    assert pick([old, canary], 0) is canary

@@ -280,3 +280,30 @@ def test_max_pool_size_and_restart_batch_from_the_daemon() -> None:
     text = render_status(status, now=NOW)
     assert "Max pool size : 256\n" in text
     assert "  Restart: rolling 1/4 (batch 2)\n" in text
+
+
+def test_canary_phase_shows_both_generations() -> None:
+    """During a canary the app shows its pids, what it waits for and both generations."""
+    status = make_status()
+    status["apps"][0]["restart"] = {
+        "mode": "rolling",
+        "phase": "canary",
+        "done": 0,
+        "total": 2,
+        "replacing_pid": None,
+        "canary": {
+            "workers": [1003],
+            "requests": 57,
+            "errors": 2,
+            "p99_ms": 31.25,
+            "old_requests": 231,
+            "old_errors": 0,
+            "old_p99_ms": None,
+            "waiting_for": "evidence",
+        },
+    }
+    text = render_status(status, now=NOW)
+    assert (
+        "  Canary: PID 1003, waiting for evidence; 2 of 57 failed, p99 31.2ms"
+        " (old generation: 0 of 231, p99 -)"
+    ) in text

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop all workers, then start new ones",
     )
     restart.add_argument(
+        "--canary",
+        type=int,
+        metavar="N",
+        help="start with N canary workers judged against the old ones (0 = none; "
+        "default: the app's canary key)",
+    )
+    restart.add_argument(
         "--wait",
         action="store_true",
         help="show progress until done; exit 1 if the restart failed or was aborted",
@@ -173,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", metavar="FILE", required=True)
     # Accepted (and unused) so that `--admin-socket` works with every subcommand.
     check.add_argument("--admin-socket", metavar="PATH", help=argparse.SUPPRESS)
+
+    for name, what in (
+        ("promote", "end a canary now: roll the release out to every worker"),
+        ("rollback", "end a canary now: retire it and keep the old generation"),
+    ):
+        cmd = sub.add_parser(name, parents=[common], help=what + " (all apps when none)")
+        cmd.add_argument("apps", nargs="*", metavar="APP")
 
     for name, verb in (("drain", "503"), ("undrain", "200")):
         cmd = sub.add_parser(
@@ -287,13 +301,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_restart(args: argparse.Namespace) -> int:
     client = _client(args)
-    query = {"mode": args.mode} if args.mode else None
+    query: dict[str, Any] = {"mode": args.mode} if args.mode else {}
+    if args.canary is not None:
+        query["canary"] = args.canary
     requested: dict[str, int] = {}
     exit_code = EXIT_OK
     if args.apps:
         # One POST per app; a bad name does not stop the others (like `systemctl restart a b`).
         for name in dict.fromkeys(args.apps):
-            resp = client.post(app_path(name, "restart"), query)
+            resp = client.post(app_path(name, "restart"), query or None)
             if resp.status not in (200, 202):
                 _say(f"flypool: {resp.error_message()}", sys.stderr)
                 exit_code = EXIT_FAILED
@@ -301,7 +317,7 @@ def _cmd_restart(args: argparse.Namespace) -> int:
             data = _answer(resp)
             requested[str(data.get("app", name))] = _field(data, "restart_id", int)
     else:
-        data = _answer(client.post("/restart", query))
+        data = _answer(client.post("/restart", query or None))
         for item in _field(data, "restarts", list):
             if not isinstance(item, dict):
                 raise CommandError(f"unexpected answer from the daemon: {item!r}")
@@ -337,6 +353,25 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_end_canary(args: argparse.Namespace) -> int:
+    action = args.subcommand  # "promote" or "rollback"
+    client = _client(args)
+    exit_code = EXIT_OK
+    targets = [app_path(n, action) for n in dict.fromkeys(args.apps)] or [f"/{action}"]
+    done = "promoted" if action == "promote" else "rolled back"
+    for path in targets:
+        resp = client.post(path)
+        if resp.status != 200:
+            _say(f"flypool: {resp.error_message()}", sys.stderr)
+            exit_code = EXIT_FAILED
+            continue
+        data = _answer(resp)
+        for item in data.get("apps", [data]):
+            if isinstance(item, dict):
+                _say(f"{item.get('app', '?')}: canary {done}")
+    return exit_code
+
+
 def _cmd_drain(args: argparse.Namespace) -> int:
     action = args.subcommand  # "drain" or "undrain"
     client = _client(args)
@@ -370,6 +405,13 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 def _progress_line(name: str, app: Mapping[str, Any]) -> str:
     restart = app.get("restart")
     if isinstance(restart, dict):
+        canary = restart.get("canary")
+        if restart.get("phase") == "canary" and isinstance(canary, dict):
+            return (
+                f"{name}: canary waiting for {canary.get('waiting_for')}: "
+                f"{canary.get('errors')} of {canary.get('requests')} requests failed "
+                f"(old generation: {canary.get('old_errors')} of {canary.get('old_requests')})"
+            )
         done, total = restart.get("done", 0), restart.get("total", 0)
         return _step_line(name, str(restart.get("mode", "")), done, total)
     return f"{name}: restart pending"
@@ -470,7 +512,8 @@ def _restart_outcome(
         _say(f"{name}: restart completed{took}, but a new worker failed", sys.stderr)
     else:
         reason = last.get("reason") or "no reason given"
-        _say(f"{name}: restart aborted: {reason}", sys.stderr)
+        how = "rolled back" if last.get("outcome") == "rolled_back" else "aborted"
+        _say(f"{name}: restart {how}: {reason}", sys.stderr)
     for line in _deployment_error_lines(app):
         _say(line, sys.stderr)
     return False
@@ -533,6 +576,8 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stop": _cmd_stop,
     "drain": _cmd_drain,
     "undrain": _cmd_drain,
+    "promote": _cmd_end_canary,
+    "rollback": _cmd_end_canary,
 }
 
 

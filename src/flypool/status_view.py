@@ -131,6 +131,21 @@ def _render_general(apps: Sequence[Mapping[str, Any]], max_pool_size: object = N
     ]
 
 
+def _render_canary(c: Mapping[str, Any]) -> str:
+    pids = c.get("workers")
+    who = ", ".join(str(p) for p in pids) if isinstance(pids, list) else "?"
+
+    def p99(v: object) -> str:
+        return f"{v:.1f}ms" if isinstance(v, int | float) else "-"
+
+    return (
+        f"  Canary: PID {who}, waiting for {_str(c.get('waiting_for'), '?')}; "
+        f"{_int(c.get('errors'))} of {_int(c.get('requests'))} failed, p99 {p99(c.get('p99_ms'))}"
+        f" (old generation: {_int(c.get('old_errors'))} of {_int(c.get('old_requests'))}, "
+        f"p99 {p99(c.get('old_p99_ms'))})"
+    )
+
+
 def _render_last_restart(last: Mapping[str, Any]) -> str:
     mode = _str(last.get("mode"), "restart")
     outcome = _str(last.get("outcome"), "finished")
@@ -209,6 +224,9 @@ def _render_app(app: Mapping[str, Any]) -> list[str]:
         if isinstance(batch, int) and batch > 1:
             line += f" (batch {batch})"
         lines.append(line)
+        canary = _mapping(restart.get("canary"))
+        if restart.get("phase") == "canary" and canary is not None:
+            lines.append(_render_canary(canary))
         replacing_pid = restart.get("replacing_pid")
     else:
         last = _mapping(app.get("last_restart"))

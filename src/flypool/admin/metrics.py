@@ -155,6 +155,14 @@ def render_metrics(pools: Iterable[AppPool]) -> str:
             {"app": app},
             peak or 0,
         )
+        for decision, count in ctl.canary_decisions.items():
+            add(
+                "flypool_canary_decisions_total",
+                "counter",
+                "Canary restarts promoted or rolled back (SPEC section 7).",
+                {"app": app, "decision": decision},
+                count,
+            )
         add(
             "flypool_deployment_error",
             "gauge",

@@ -49,7 +49,7 @@ class AdminRoutes:
                 return 400, {"error": "mode must be graceful or fast"}
             asyncio.get_running_loop().call_soon(lambda: d.request_stop(fast=mode == "fast"))
             return 202, {"ok": True}
-        if parts in (["restart"], ["drain"], ["undrain"]):
+        if parts in (["restart"], ["drain"], ["undrain"], ["promote"], ["rollback"]):
             return self._each(parts[0], list(d.pools.values()), query)
         if len(parts) == 3 and parts[0] == "apps":
             pool = d.pools.get(parts[1])
@@ -58,7 +58,7 @@ class AdminRoutes:
             action = parts[2]
             if action == "scale":
                 return self._scale(pool, query)
-            if action in ("restart", "drain", "undrain"):
+            if action in ("restart", "drain", "undrain", "promote", "rollback"):
                 code, body = self._each(action, [pool], query)
                 return code, (
                     body["restarts"][0]
@@ -85,11 +85,27 @@ class AdminRoutes:
             mode = query.get("mode") or None
             if mode is not None and mode not in MODES:
                 return 400, {"error": "mode must be rolling or blocking"}
+            canary: int | None = None
+            if "canary" in query:
+                limit = self.daemon.config.daemon.max_pool_size
+                try:
+                    canary = int(query["canary"])
+                except ValueError:
+                    canary = -1
+                if not 0 <= canary <= limit:
+                    return 400, {"error": f"canary=N must be an integer from 0 to {limit}"}
+                if canary and mode == "blocking":
+                    return 400, {"error": "a canary needs a rolling restart, not mode=blocking"}
             out = [
-                {"app": p.name, "restart_id": p.request_restart(mode, "admin request")}
+                {"app": p.name, "restart_id": p.request_restart(mode, "admin request", canary)}
                 for p in pools
             ]
             return 202, {"restarts": out}
+        if action in ("promote", "rollback"):
+            ended = [p.name for p in pools if p.end_canary(action)]
+            if not ended:
+                return 409, {"error": f"no canary is running to {action}"}
+            return 200, {"apps": [{"app": name, action: True} for name in ended]}
         drained = action == "drain"
         for p in pools:
             p.router.drained = drained

@@ -142,9 +142,17 @@ class AppPool:
         """Spawn the initial workers."""
         self.controller.start()
 
-    def request_restart(self, mode: str | None, reason: str) -> int:
-        """Restart (coalesced with a running one); the restart id."""
-        return self.controller.request_restart(mode, reason)
+    def request_restart(self, mode: str | None, reason: str, canary: int | None = None) -> int:
+        """Restart (coalesced with a running one); the restart id.
+
+        ``canary`` overrides the app's ``canary`` key for this restart (0 = none).
+        """
+        options = None if canary is None else {"canary": canary}
+        return self.controller.request_restart(mode, reason, options)
+
+    def end_canary(self, outcome: str) -> bool:
+        """Promote or roll back a running canary now; False when none runs."""
+        return self.controller.end_canary(outcome)
 
     def scale(self, n: int) -> None:
         """Change the worker count live."""

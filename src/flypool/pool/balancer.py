@@ -16,6 +16,9 @@ def pick(workers: Sequence[Worker], concurrency: int, exclude: object = None) ->
     at once, so a bad release shows its errors early), then to the worker idle
     longest. Elastic extras (beyond ``workers``) lose every tie, so when the
     load drops they are the ones that fall idle and get drained (SPEC §10).
+    A canary gets no generation preference: the judge compares it with the
+    old generation on the same traffic, which an idle canary winning every
+    tie would starve (SPEC §7).
     ``concurrency`` 0 means unlimited. ``exclude`` is a worker (or a
     container of workers) already tried for this request.
     """
@@ -38,7 +41,7 @@ def pick(workers: Sequence[Worker], concurrency: int, exclude: object = None) ->
         elif w.extra is not best.extra:
             if best.extra:
                 best = w
-        elif w.generation != best.generation:
+        elif w.generation != best.generation and not (w.canary or best.canary):
             if w.generation > best.generation:
                 best = w
         elif w.last_used < best.last_used:

@@ -32,11 +32,13 @@ a preloader replaces the cold fork+exec by assigning ``controller.launcher``.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flypool.config import AppConfig
 from flypool.pool import memory, spawner
+from flypool.pool.canary import CanaryPlan, policy_of
 from flypool.pool.elastic import Elastic
 from flypool.pool.plans import RESTART_PLANS, Plan, RestartPlan, SteadyPlan, StopPlan, View
 from flypool.pool.processes import Failure, Processes, RouterPort, now_iso
@@ -109,6 +111,8 @@ class Controller:
         self._waiters: list[asyncio.Future[None]] = []
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._elastic_timer: asyncio.TimerHandle | None = None
+        self._wake_timer: asyncio.TimerHandle | None = None
+        self.canary_decisions = {"promote": 0, "rollback": 0}
         self._stopped: asyncio.Future[None] = loop.create_future()
 
     @property
@@ -172,6 +176,21 @@ class Controller:
         cfg = self.cfg
         if mode is None:
             mode = "rolling" if cfg.rolling_restarts else "blocking"
+        opts = dict(options or {})
+        canary = opts.pop("canary", None)
+        if canary is None:
+            canary = cfg.canary
+        if mode in ("rolling", "canary") and canary > 0:
+            mode = "canary"
+            opts["canary"] = canary
+            opts["policy"] = policy_of(
+                cfg.canary_requests,
+                cfg.canary_timeout,
+                cfg.canary_max_error_rate,
+                cfg.canary_max_latency_ratio,
+            )
+        elif mode == "canary":
+            mode = "rolling"
         now = self.loop.time()
         self.generation += 1
         old = [w for w in self.workers if w.live and w.generation < self.generation]
@@ -192,7 +211,7 @@ class Controller:
             batch=batch,
             by_memory=by_memory,
             resist=cfg.resist_deployment_errors,
-            **(options or {}),
+            **opts,
         )
         plan.est_rss = largest
         plan.peak_rss = self._total_rss()
@@ -266,8 +285,18 @@ class Controller:
     def request_done(self, w: Worker, status: int, seconds: float, failed: bool) -> None:
         """A request ``w`` took has finished or failed (the canary judges on these)."""
         plan = self.restart
-        if plan is not None:
-            plan.on_request_done(w, status, seconds, failed)
+        if plan is not None and plan.on_request_done(w, status, seconds, failed):
+            self.poke()
+
+    def end_canary(self, outcome: str) -> bool:
+        """``flypool promote`` / ``rollback``: end a running canary now; False if none runs."""
+        plan = self.restart
+        if not isinstance(plan, CanaryPlan) or plan.outcome is not None:
+            return False
+        # Logged with its numbers when carried out (reconcile / _restart_finished).
+        plan.end(outcome, "operator")
+        self.poke()
+        return True
 
     def apply_config(self, cfg: AppConfig) -> None:
         """Use ``cfg`` for the next spawns and decisions (after a reload)."""
@@ -296,10 +325,10 @@ class Controller:
         if self.restart is not None:
             self.restart.aborted = "daemon stopping"
             self._restart_finished(self.restart)
-        for timer in (self._backoff_timer, self._elastic_timer):
+        for timer in (self._backoff_timer, self._elastic_timer, self._wake_timer):
             if timer is not None:
                 timer.cancel()
-        self._backoff_timer = self._elastic_timer = None
+        self._backoff_timer = self._elastic_timer = self._wake_timer = None
         if graceful:
             self.procs.cap_drains(deadline)
         else:
@@ -347,6 +376,20 @@ class Controller:
         view = self._view(now)
         plan = self.plan
         d = plan.decide(view)
+        nxt = plan.successor()
+        if nxt is not None and isinstance(nxt, RestartPlan) and plan is self.restart:
+            if isinstance(plan, CanaryPlan):
+                self.canary_decisions["promote"] += 1
+                self.log.info(
+                    "canary promoted",
+                    decided_by=plan.decided_by,
+                    **plan.window.status(plan.verdict),
+                )
+            self.replace_plan(nxt)
+            return
+        wake = plan.wake_at(now)
+        if wake is not None and self._wake_timer is None:
+            self._wake_timer = self.loop.call_at(wake, self._wake)
         for w in d.stop:
             procs.stop(w)
         for w in d.drain:
@@ -384,6 +427,10 @@ class Controller:
             queued=len(self.router.queue),
             memory_room=room,
         )
+
+    def _wake(self) -> None:
+        self._wake_timer = None
+        self.poke()
 
     def _arm_backoff(self, now: float, view: View) -> None:
         until = self.procs.backoff_until
@@ -430,10 +477,13 @@ class Controller:
         now = self.loop.time()
         duration = now - plan.started
         ok = plan.aborted is None
+        outcome = "completed" if ok else "aborted"
+        if plan.rolled_back is not None:
+            outcome = "rolled_back"
         self.last_restart = {
             "id": plan.ids[-1],
-            "mode": plan.kind,
-            "outcome": "completed" if ok else "aborted",
+            "mode": "rolling" if plan.kind == "canary" else plan.kind,
+            "outcome": outcome,
             "reason": plan.aborted or plan.reason,
             "duration_s": round(duration, 3),
             "finished_at": now_iso(),
@@ -451,7 +501,21 @@ class Controller:
                 if w.state is _S.DRAINING and w.generation < plan.generation:
                     self.procs.undrain(w)
         failure = self.procs.last_failure
-        if plan.failures and failure is not None and not stopping:
+        if plan.rolled_back is not None and not stopping:
+            # The canary served but was judged worse than the old generation.
+            self.deployment_error = Failure(
+                plan.failed_release, plan.rolled_back, deque(), now_iso()
+            )
+            self.canary_decisions["rollback"] += 1
+            fields = plan.window.status(plan.verdict) if isinstance(plan, CanaryPlan) else {}
+            self.log.error(
+                "canary rolled back",
+                reason=plan.rolled_back,
+                release=plan.failed_release,
+                decided_by=plan.decided_by if isinstance(plan, CanaryPlan) else "",
+                **fields,
+            )
+        elif plan.failures and failure is not None and not stopping:
             self.deployment_error = Failure(
                 failure.release, plan.last_failure or failure.reason, failure.output, failure.at
             )

@@ -139,8 +139,20 @@ class Plan:
     def died_on_probation(self, w: Worker, reason: str) -> None:
         """A new-generation worker died right after it became ready."""
 
-    def on_request_done(self, w: Worker, status: int, seconds: float, failed: bool) -> None:
-        """A request ``w`` served has finished (the canary judges on these)."""
+    def on_request_done(self, w: Worker, status: int, seconds: float, failed: bool) -> bool:
+        """A request ``w`` served has finished (the canary judges on these).
+
+        Returns True when the controller should look again (a decision was made).
+        """
+        return False
+
+    def successor(self) -> Plan | None:
+        """The plan that takes over from this one now (a promoted canary), or None."""
+        return None
+
+    def wake_at(self, now: float) -> float | None:
+        """When to reconcile again even if nothing happens (a canary's timeout), or None."""
+        return None
 
     def progress(self) -> dict[str, Any] | None:
         """The ``restart`` object of status, or None."""
@@ -228,6 +240,16 @@ class RestartPlan(Plan):
         self.est_rss = 0
         self.peak_rss = 0
         self.replacing: list[Worker] = []
+        # A canary judged bad: the reason with its numbers, and the release it ran.
+        self.rolled_back: str | None = None
+        self.failed_release = ""
+
+    def extra_state(self, now: float) -> dict[str, Any]:
+        """State of a subclass that a USR2 hand-over must carry (JSON-able)."""
+        return {}
+
+    def restore_extra(self, st: dict[str, Any], now: float) -> None:
+        """Take back what :meth:`extra_state` wrote in the previous image."""
 
     def take_over(self, prev: RestartPlan) -> None:
         """Carry the bookkeeping of a superseded restart over to this one."""

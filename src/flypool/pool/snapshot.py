@@ -91,6 +91,7 @@ def plan_state(plan: RestartPlan, now: float) -> dict[str, Any]:
         "last_failure": plan.last_failure,
         "est_rss": plan.est_rss,
         "peak_rss": plan.peak_rss,
+        "extra": plan.extra_state(now),
     }
 
 
@@ -114,4 +115,5 @@ def plan_from_state(st: dict[str, Any], now: float) -> RestartPlan:
     plan.last_failure = st["last_failure"]
     plan.est_rss = st["est_rss"]
     plan.peak_rss = st["peak_rss"]
+    plan.restore_extra(st.get("extra") or {}, now)
     return plan
