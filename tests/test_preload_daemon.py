@@ -506,3 +506,32 @@ def test_worker_ignoring_the_stop_signal_logs_its_stack_before_sigkill() -> None
         eventually(lambda: not _alive(ev["pid"]), 10, what="killed worker gone")
         text = d.log()
         assert text.index('"worker stack"') < text.index('"worker ignored stop signal; killing"')
+
+
+def _fd_kinds(pid: int) -> list[str]:
+    """What each descriptor of ``pid`` is, from /proc (pipe, socket, a path...).
+
+    Copies of stdin/stdout/stderr at higher numbers are left out: a cold
+    worker has three of them (uvloop's process spawn leaves them open), and
+    they are the worker's own descriptors, not the daemon's.
+    """
+    targets = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            targets[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    stdio = {targets.get(fd) for fd in (0, 1, 2)}
+    return sorted(t.split(":[")[0] for fd, t in targets.items() if fd <= 2 or t not in stdio)
+
+
+def test_a_preloaded_worker_has_the_descriptors_of_a_cold_one_plus_the_lifeline() -> None:
+    """Fork hygiene through the daemon, read from /proc: one pipe more (the lifeline), no more."""
+    with running_daemon({"workers": 1}) as d:
+        (cold,) = d.wait_ready(1)
+        assert get(d.front, "/", 10)[0] == 200
+        cold_fds = _fd_kinds(cold)
+    with running_daemon({**EXAMPLE_PRELOAD, "workers": 1}) as d:
+        assert_preloaded(d, 1)
+        (pre,) = d.ready_pids()
+        assert get(d.front, "/", 10)[0] == 200
+        pre_fds = _fd_kinds(pre)
+    assert pre_fds == sorted([*cold_fds, "pipe"]), (pre_fds, cold_fds)
