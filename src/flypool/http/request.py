@@ -212,7 +212,6 @@ class Request:
         "tried",
         "upgrade",
         "upstream",
-        "waited",
         "worker",
     )
 
@@ -239,13 +238,12 @@ class Request:
         self.local = False
         # Answered (or failed) and released: later events are ignored.
         self.done = False
-        # Loop times: head complete, queued, taken by a worker, sent in full.
+        # Loop times: head complete, queued (0: never), taken by a worker, sent in full.
         self.started_at = 0.0
         self.queued_at = 0.0
         self.taken_at = 0.0
         self.clock_at = 0.0
         self.queue_wait = 0.0
-        self.waited = False
         self.timer: asyncio.TimerHandle | None = None
         self.worker: Worker | None = None
         self.upstream: Upstream | None = None
@@ -300,7 +298,7 @@ class Request:
                 self.replay = None
             else:
                 replay.extend(out)
-        self.out = []
+        out.clear()
         self.out_size = 0
         if self.body_done:
             up.request_sent()

@@ -42,6 +42,8 @@ SUSPECT_CHECK_DELAY = 0.05
 
 _READY = WorkerState.READY
 _CLOSED = ClientState.CLOSED
+_DONE = UpstreamState.DONE
+_TUNNEL = UpstreamState.TUNNEL
 
 
 def worker_gone(w: Worker) -> bool:
@@ -172,7 +174,9 @@ class Router:
         ``front``: a request sent again after its worker failed goes first
         (it has waited its turn already).
         """
-        w = pick(self.workers, self.concurrency, self._exclusions(req))
+        w = pick(
+            self.workers, self.concurrency, self._exclusions(req) if req.canary_free else req.tried
+        )
         if w is not None and not self.queue:
             self.take(req, w)
             return
@@ -186,7 +190,7 @@ class Router:
             self.stats.rejected_full += 1
             self.fail(req, 503, "queue full")
             return
-        if not req.waited:
+        if not req.queued_at:
             req.queued_at = self.loop.time()
         req.timer = self.loop.call_later(
             max(0.0, req.queued_at + self.queue_timeout - self.loop.time()),
@@ -197,7 +201,6 @@ class Router:
             self.queue.appendleft(req)
         else:
             self.queue.append(req)
-        req.waited = True
         self.serve_queue()
 
     def take(self, req: Request, w: Worker) -> None:
@@ -207,15 +210,17 @@ class Router:
         req.worker = w
         req.taken_at = now
         self.active.add(req)
-        if not req.resends and not req.retries:
-            wait = now - req.queued_at if req.waited else 0.0
-            req.queue_wait = wait
-            self.queue_waits.add(now, wait)
-            if req.waited:
+        first = not (req.resends or req.retries)
+        if first:
+            if req.queued_at:
+                wait = req.queue_wait = now - req.queued_at
                 self.stats.queue_wait_total += wait
                 self.stats.queue_wait_count += 1
+            else:
+                wait = 0.0
+            self.queue_waits.add(now, wait)
         conns = w.idle_conns
-        if conns and not req.resends and not req.retries:
+        if conns and first:
             up = conns.pop()
             up.attach(req, req.conn.transport, reused=True)
             req.conn.attached(req)
@@ -285,19 +290,21 @@ class Router:
     def answer_end(self, req: Request, up: UpstreamConnection, status: int) -> None:
         """The worker finished its answer to ``req``."""
         req.upstream = None
-        reusable = up.state is UpstreamState.DONE
         w = req.worker
-        if w is not None:
-            w.processed += 1
         # The connection goes back before the slot, so that a request the
         # slot lets in (this client's next one) can reuse it.
-        if up.must_close or not reusable:
-            up.close()
-        else:
+        if up.state is _DONE:
             up.park()
-        self._settle(req, status, False)
-        if w is not None and self.max_requests and w.processed >= self.max_requests:
-            self.recycle(w)
+        else:
+            up.close()
+        if w is not None:
+            w.processed += 1
+            self.release(req)
+            hook = self.on_request_done
+            if hook is not None:
+                hook(w, status, self.loop.time() - req.taken_at, False)
+            if self.max_requests and w.processed >= self.max_requests:
+                self.recycle(w)
         if self.access_log is not None:
             self.access_log(req, status, w)
         req.done = True

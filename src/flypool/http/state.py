@@ -271,13 +271,15 @@ def _upstream_table() -> tuple[tuple[UpstreamState | None, ...], ...]:
     return tuple(rows)
 
 
-_CLIENT_TABLE: Final = _client_table()
-_UPSTREAM_TABLE: Final = _upstream_table()
+# The tables as the protocols index them: CLIENT_TABLE[state][event] is the
+# next state, or None where the transition is illegal.
+CLIENT_TABLE: Final = _client_table()
+UPSTREAM_TABLE: Final = _upstream_table()
 
 
 def client_next(state: ClientState, event: ClientEvent) -> ClientState:
     """The client state after ``event``; :class:`IllegalTransition` if not allowed."""
-    nxt = _CLIENT_TABLE[state][event]
+    nxt = CLIENT_TABLE[state][event]
     if nxt is None:
         raise IllegalTransition(f"client: {event.name} in state {state.name}")
     return nxt
@@ -285,7 +287,7 @@ def client_next(state: ClientState, event: ClientEvent) -> ClientState:
 
 def upstream_next(state: UpstreamState, event: UpstreamEvent) -> UpstreamState:
     """The worker-connection state after ``event``; :class:`IllegalTransition` if not allowed."""
-    nxt = _UPSTREAM_TABLE[state][event]
+    nxt = UPSTREAM_TABLE[state][event]
     if nxt is None:
         raise IllegalTransition(f"upstream: {event.name} in state {state.name}")
     return nxt

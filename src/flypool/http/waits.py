@@ -40,18 +40,33 @@ def _bucket(wait: float) -> int:
 class QueueWaits:
     """Histograms of queue waits in one-second slots over the last :data:`WINDOW` s."""
 
-    __slots__ = ("_hist", "_sec", "_slow", "_total")
+    __slots__ = ("_cur", "_hist", "_i", "_sec", "_slow", "_total")
 
     def __init__(self) -> None:
         self._sec = [-1] * WINDOW
         self._total = [0] * WINDOW
         self._slow = [0] * WINDOW
+        # Bucket 0 ("under 1 ms") is not kept: it is the total minus the others.
         self._hist = [0] * (WINDOW * BUCKETS)
+        self._cur = -1  # the second being recorded, and its slot
+        self._i = 0
 
     def add(self, now: float, wait: float) -> None:
         """Record one request's queue wait (0 for one that never queued)."""
         sec = int(now)
+        if sec != self._cur:
+            self._roll(sec)
+        i = self._i
+        self._total[i] += 1
+        if wait >= 0.001:
+            self._hist[i * BUCKETS + _bucket(wait)] += 1
+            if wait > SLOW:
+                self._slow[i] += 1
+
+    def _roll(self, sec: int) -> None:
         i = sec % WINDOW
+        self._cur = sec
+        self._i = i
         if self._sec[i] != sec:
             self._sec[i] = sec
             self._total[i] = 0
@@ -59,10 +74,6 @@ class QueueWaits:
             base = i * BUCKETS
             for k in range(base, base + BUCKETS):
                 self._hist[k] = 0
-        self._total[i] += 1
-        if wait > SLOW:
-            self._slow[i] += 1
-        self._hist[i * BUCKETS + (_bucket(wait) if wait >= 0.001 else 0)] += 1
 
     def counts(self, now: float) -> tuple[int, int]:
         """(requests, requests that waited over 100 ms) in the window ending at ``now``."""
@@ -87,6 +98,7 @@ class QueueWaits:
                 total += self._total[i]
         if not total:
             return 0.0
+        merged[0] = total - sum(merged[1:])
         rank = q * total
         seen = 0
         for k in range(BUCKETS):
