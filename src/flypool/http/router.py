@@ -457,6 +457,8 @@ class Router:
 
     def canary_reaskable(self, req: Request) -> bool:
         """Whether a canary's 5xx to ``req`` may go to an old worker (SPEC §6)."""
+        if req.conn.state is _CLOSED:
+            return False  # nobody waits for the answer
         kept = retry.replayable(
             req.method, enabled=self.retry_idempotent, kept=req.kept, upgrade=req.upgrade
         )
