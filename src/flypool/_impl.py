@@ -44,8 +44,14 @@ from types import ModuleType
 from typing import Final
 
 COMPILED: Final[tuple[str, ...]] = (
+    "flypool.http.state",
+    "flypool.http.framing",
     "flypool.http.parsing",
     "flypool.http.retry",
+    "flypool.http.waits",
+    "flypool.http.request",
+    "flypool.http.upstream",
+    "flypool.http.client",
 )
 """The modules that setup.py compiles with mypyc (one shared library, one group)."""
 

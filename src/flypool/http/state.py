@@ -43,8 +43,11 @@ from enum import IntEnum
 from typing import Final
 
 
-class IllegalTransition(RuntimeError):
-    """An event the current state does not accept (a bug, never a peer's doing)."""
+class IllegalTransition(Exception):
+    """An event the current state does not accept (a bug, never a peer's doing).
+
+    An ``Exception``, not a ``RuntimeError``: mypyc compiles a subclass of
+    ``Exception`` but not of other built-in exceptions."""
 
 
 # -- client side ----------------------------------------------------------------------------
