@@ -99,7 +99,9 @@ def test_sigkill_storm_loses_no_get() -> None:
     gets, posts = clients.results["GET"], clients.results["POST"]
     assert kills >= 15
     assert set(gets) == {200}, gets
-    assert sum(gets.values()) > 1000, gets
+    # Enough GETs that kills hit requests in flight (~1,400 on a quiet machine;
+    # a floor, not a speed test: a busy CI machine must not fail it).
+    assert sum(gets.values()) > 20 * kills, gets
     failed_posts = sum(v for k, v in posts.items() if k != 200)
     assert set(posts) <= {200, 502}, posts
     assert failed_posts <= kills, (posts, kills)
