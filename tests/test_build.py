@@ -75,7 +75,10 @@ def test_module_is_compiled_from_current_source(name: str) -> None:
     module = impl_module(name, "compiled")
     assert module.__file__ is not None
     source, extensions = _impl.module_files(name, _impl.PACKAGE_DIR)
-    assert Path(module.__file__) in extensions
+    # By file name: when another module of the mypyc group was imported first, the
+    # group library names its modules' files from its own directory
+    # (src/flypool/flypool/http/x.so), a path that does not exist.
+    assert Path(module.__file__).name in {e.name for e in extensions}
     manifest = json.loads((_impl.PACKAGE_DIR / _impl.MANIFEST).read_text())
     assert manifest["modules"][name] == hashlib.sha256(source.read_bytes()).hexdigest()
 
