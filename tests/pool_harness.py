@@ -103,9 +103,21 @@ class Harness:
         self.ctl = Controller(cfg, self.loop, str(runtime_dir), log, self.router, self.workers)
         self.peak_workers = 0
         self.peak_children = 0
+        # Serving workers (SPEC §1 "live"): all but those signalled with
+        # nothing in flight, whose process is only exiting.
+        self.peak_serving = 0
 
     def ready(self) -> list[Worker]:
         return [w for w in self.workers if w.state is WorkerState.READY]
+
+    def serving(self) -> list[Worker]:
+        """Workers spawning, ready or draining (or stopping with requests in flight)."""
+        return [
+            w
+            for w in self.workers
+            if w.state is not WorkerState.EXITED
+            and not (w.state is WorkerState.STOPPING and not w.inflight)
+        ]
 
     def children(self) -> list[int]:
         """Live (non-zombie) child processes of this test process."""
@@ -120,6 +132,7 @@ class Harness:
 
     def note(self) -> None:
         self.peak_workers = max(self.peak_workers, len(self.workers))
+        self.peak_serving = max(self.peak_serving, len(self.serving()))
         self.peak_children = max(self.peak_children, len(self.children()))
 
     async def until(

@@ -394,6 +394,10 @@ class Controller:
             procs.stop(w)
         for w in d.drain:
             procs.drain(w, now, d.drain_deadline, plan.kind)
+        if plan is self.restart and any(w.state is _S.STOPPING for w in d.drain):
+            # An idle worker drained now was signalled at once: the next spawn
+            # may overlap its exit (plans.RollingPlan), so look again.
+            self.poke()
         if d.spawn and not self.frozen:
             for _ in range(d.spawn):
                 if not procs.spawn(self.generation, now, extra=self._next_is_extra()):
@@ -415,18 +419,22 @@ class Controller:
                 self.router.set_failing(True)
 
     def _view(self, now: float) -> View:
-        room = None
-        if self.restart is not None and self.restart.by_memory:
-            room = memory.available_memory() - self.cfg.memory_reserve
-        return View(
+        v = View(
             now=now,
             target=self.target,
             generation=self.generation,
             workers=list(self.workers),
             spawn_limit=self.procs.spawn_limit(now),
             queued=len(self.router.queue),
-            memory_room=room,
         )
+        plan = self.restart
+        # The memory budget decides an "auto" restart's spawns, and whether
+        # any restart's next spawn may overlap an old worker's exit. A few
+        # small file reads, only at a reconcile during a restart (never on
+        # the request path), and with a fixed batch only while one exits.
+        if plan is not None and (plan.by_memory or v.exiting):
+            v.memory_room = memory.available_memory() - self.cfg.memory_reserve
+        return v
 
     def _wake(self) -> None:
         self._wake_timer = None

@@ -4,8 +4,10 @@ Available memory is the cgroup's limit minus its usage when the daemon runs
 in a memory-limited cgroup (v2 ``memory.max``/``memory.current``, or v1
 ``memory.limit_in_bytes``/``memory.usage_in_bytes``), never more than the
 host's ``MemAvailable``; without a limit it is ``MemAvailable``. Reading
-these is a few small file reads, done when a restart starts and before each
-spawn of an "auto" restart, never on the request path.
+these is a few small file reads, done when a restart starts, at each
+reconcile of an "auto" restart, and at a reconcile of any restart while an
+old worker exits (may the next spawn overlap its exit?), never on the
+request path.
 """
 
 from __future__ import annotations

@@ -18,11 +18,14 @@ Plans, one at a time per app:
   crashed ones (the controller's crash-loop backoff caps spawns); scale down
   the least useful worker first; replace a worker marked for
   ``max_requests``/``memory_limit`` with one extra worker, then drain it.
-- :class:`RollingPlan`: spawn new-generation workers while the process bound
-  allows (``workers + restart_batch``; with ``"auto"`` a drained worker
-  already signalled counts against memory, not against the bound), drain an
-  old worker for every new one ready, fattest first when the batch is
-  chosen by memory.
+- :class:`RollingPlan`: spawn new-generation workers while the bound allows
+  (at most ``workers + restart_batch`` serving processes: spawning, ready or
+  draining), drain an old worker for every new one ready, fattest first when
+  the batch is chosen by memory (``"auto"``). A drained worker already
+  signalled (STOPPING, nothing in flight) serves nothing while its process
+  exits: it counts against memory, not against the bound, so the next spawn
+  starts while it exits, if ``View.memory_room`` holds one more worker of
+  the largest old RSS; when memory is tight the spawn waits for the exit.
 - :class:`BlockingPlan`: drain every old worker, spawn the new ones once the
   old are gone.
 - :class:`StopPlan`: the daemon is stopping (graceful or fast).
@@ -63,7 +66,7 @@ class View:
     # Requests waiting in the app's queue.
     queued: int = 0
     # Bytes new workers may still use (available memory minus memory_reserve);
-    # None when the batch is not chosen by memory.
+    # None when not read (no restart, or nothing for it to decide).
     memory_room: int | None = None
     new_spawning: list[Worker] = field(default_factory=list)
     new_ready: list[Worker] = field(default_factory=list)
@@ -71,6 +74,9 @@ class View:
     old_ready: list[Worker] = field(default_factory=list)
     draining: list[Worker] = field(default_factory=list)
     stopping: list[Worker] = field(default_factory=list)
+    # STOPPING workers with nothing in flight: signalled, serving nothing,
+    # only their process is still exiting.
+    exiting: list[Worker] = field(default_factory=list)
     old_any: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +94,8 @@ class View:
                 self.draining.append(w)
             elif st is _STOPPING:
                 self.stopping.append(w)
+                if not w.inflight:
+                    self.exiting.append(w)
 
     @property
     def ready(self) -> list[Worker]:
@@ -344,21 +352,38 @@ class RollingPlan(RestartPlan):
             for w in extra:
                 (d.stop if w.state is _SPAWNING else d.drain).append(w)
             return d
+        # SPEC §1: at most workers + restart_batch serving processes. An
+        # exiting worker (drained, signalled) serves nothing: it is still
+        # measured in the available memory, so it counts against memory, and
+        # the spawn it lets through needs room there; otherwise that spawn
+        # waits for its exit (then the bound counts every process).
         procs = len(v.workers)
+        room = t + self.batch - (procs - len(v.exiting))
+        fits = self._fits(v)
         if self.by_memory:
-            # A drained worker already signalled counts against memory (it is
-            # still measured in the available figure), not against the bound.
-            procs -= len(v.stopping)
-        room = t + self.batch - procs
-        if self.by_memory and v.memory_room is not None and room > 0:
-            est = max(self.est_rss, 1)
-            fits = v.memory_room // est - len(v.new_spawning)
             # At least one extra worker may always run: progress is guaranteed.
             if procs - len(v.old_spawning) <= t:
                 fits = max(fits, 1)
             room = min(room, fits)
+        else:
+            # A fixed batch: memory decides only about the overlap with exits.
+            room = min(room, max(t + self.batch - procs, fits))
         d.spawn = max(0, min(t - new_live, room, v.spawn_limit))
         return d
+
+    def _fits(self, v: View) -> int:
+        """Spawns the memory budget holds now, beyond the new workers still spawning.
+
+        One spawn is reckoned at the largest RSS seen (the old generation's
+        when the restart began, or any worker's since). Memory not read, or
+        no RSS known yet: unlimited with ``"auto"`` (its batch was sized at
+        the start), none with a fixed batch (wait for exits, as without
+        this rule).
+        """
+        est = max(self.est_rss, max((w.rss_bytes for w in v.workers), default=0))
+        if v.memory_room is None or est <= 0:
+            return UNLIMITED if self.by_memory else 0
+        return v.memory_room // est - len(v.new_spawning)
 
 
 class BlockingPlan(RestartPlan):
