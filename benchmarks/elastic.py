@@ -1,26 +1,35 @@
 """The elastic pool (SPEC §10) through a real daemon: a 4x step in load, scale events under
 steady load, failed requests across many scale-downs.
 
-Each daemon runs the example worker (boot: ``EXAMPLE_BOOT_DELAY`` = ``--boot-delay`` s),
-``workers = 2``, ``max_workers = 8``, ``worker_concurrency = 1``, ``max_queue = 10000``, on a
-Unix listener; every request is ``GET /?delay=0.005``. Open-loop load: Poisson arrivals at a set
-rate, each on an idle keep-alive connection or a new one (queueing does not slow the arrivals),
-nothing retried. *Step*: ``--base`` req/s for ``--before`` s, then 4x for ``--settle`` +
-``--steady`` s; queue waits from the access log (``queue_ms``, at completion). *Recovered*: the
-step → the end of the last 1 s window (0.1 s apart) with p99 queue wait ≥ 100 ms. *Steady*:
-``elastic scale`` log events in the last ``--steady`` s. *Scale-downs*: another daemon
-(``worker_idle_time = --churn-idle``), ``--light`` req/s, bursts of ``--burst`` req/s until
-``workers_target`` is 8 or has not grown for 1.2 s, then light load until it is 2 again; until
-``--scale-downs`` workers were scaled down (``elastic scale down`` events) or ``--churn-time`` s.
+Each daemon runs the example worker, ``workers = 2``, ``max_workers = 8``,
+``worker_concurrency = 1``, ``max_queue = 10000``, on a Unix listener; requests are
+``GET /?delay=0.005``. Open-loop load: Poisson arrivals at a set rate, each on an idle
+keep-alive connection or a new one (queueing does not slow the arrivals), nothing retried,
+every request counted. *Step*: workers boot in ``--boot-delay`` s (``EXAMPLE_BOOT_DELAY``);
+``--base`` req/s for ``--before`` s, then 4x for ``--settle`` + ``--steady`` s; queue waits
+from the access log (``queue_ms``, at completion). *Recovered*: the step → the end of the
+last 1 s window (0.1 s apart) with p99 queue wait ≥ 100 ms. *Steady*: ``elastic scale`` log
+events in the last ``--steady`` s. *Scale-downs*: ``--pools`` other daemons side by side
+(``worker_idle_time = --churn-idle``, ``max_workers = --churn-max-workers``, workers forked
+from a ``--churn-preload`` preloader, SPEC §11, so a spawn costs milliseconds, not a
+CPU-bound interpreter start), each with its own load: ``--light`` req/s, bursts of
+``--burst`` req/s of ``GET /?delay=--burst-delay`` until ``workers_target`` is the maximum or
+has not grown for ``--stall`` s, then light load until it is 2 again; until the daemons' logs
+hold ``--scale-downs`` scale-downs (``elastic scale down`` events) or ``--churn-time`` s.
+The pools run side by side because one pool grows by at most one worker per 0.25 s (one
+spawn in flight, a step per fresh quarter second of evidence): 1,000 scale-downs need
+1,000 step ups, over 250 s in a single pool before any shrinking.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import harness as h
@@ -32,10 +41,17 @@ for flag, default, what in (
     ("--before", 10.0, "s at the base rate"), ("--settle", 15.0, "s after the step, not steady"),
     ("--steady", 120.0, "s of steady 4x load"), ("--idle-time", "10s", "worker_idle_time, step"),
     ("--light", 20.0, "req/s between bursts"), ("--burst", 720.0, "req/s of a burst"),
+    ("--burst-delay", 0.005, "s each request of a burst takes"),
     ("--churn-idle", "300ms", "worker_idle_time, scale-downs"),
-    ("--scale-downs", 1000, "scale-downs to reach"), ("--churn-time", 240.0, "at most s of it"),
+    ("--scale-downs", 1000, "scale-downs to reach"), ("--churn-time", 300.0, "at most s of it"),
+    ("--churn-boot-delay", 0.0, "worker boot s, scale-downs"),
+    ("--churn-max-workers", 8, "max_workers, scale-downs"),
+    ("--churn-preload", "flypool.example.server", "preload, scale-downs ('': cold spawns)"),
+    ("--pools", 3, "daemons side by side, scale-downs"),
+    ("--stall", 1.2, "s without growth that end a burst"),
 ):  # fmt: skip
     S.arg(flag, type=type(default), default=default, help=f"{what} (default {default})")
+S.arg("--phases", default="step,churn", help="which phases: step, churn (default step,churn)")
 
 REQ = h.get("/?delay=0.005")
 EXAMPLE = [h.PY, "-m", "flypool.example", "--socket", "{socket}"]
@@ -48,6 +64,7 @@ class OpenLoop:
 
     def __init__(self, addr: str, rate: float) -> None:
         self.addr, self.rate, self.recs, self.t0 = addr, rate, list[h.Rec](), time.monotonic()
+        self.req = REQ  # what the next arrivals send (changed while it runs)
         self._stop = self._done = False
         self._thread = threading.Thread(target=uvloop.run, args=(self._arrivals(),), daemon=True)
         self._thread.start()
@@ -81,6 +98,7 @@ class OpenLoop:
 
     async def _one(self, idle: list[Any]) -> None:
         rec, conn, keep = h.Rec(0, len(self.recs), "GET", "unix", self.now()), None, False
+        req = self.req
         # Never reuse a connection idle for 30 s: the daemon closes them after 75 s.
         while idle and (conn := idle.pop())[2] < time.monotonic() - 30:
             conn[1].close()
@@ -88,7 +106,7 @@ class OpenLoop:
         try:
             async with asyncio.timeout(35):
                 conn = conn or (*await h._connect(self.addr), 0.0)
-                conn[1].write(REQ.wire)
+                conn[1].write(req.wire)
                 await conn[1].drain()
                 rec.status, _, _, keep = await h._read_response(conn[0])
         except h._FAILURES as err:
@@ -101,16 +119,18 @@ class OpenLoop:
             conn[1].close()
 
 
-def start(a: Any, idle_time: str, daemon: dict[str, Any] | None = None) -> h.Flypool:
-    """A daemon of 2 (up to 8) example workers that boot in ``--boot-delay`` s."""
-    env = {"EXAMPLE_BOOT_DELAY": f"{a.boot_delay:g}"}
+def start(boot_delay: float, idle_time: str, daemon: dict[str, Any] | None = None,
+          max_workers: int = 8, **app: Any) -> h.Flypool:  # fmt: skip
+    """A daemon of 2 (up to ``max_workers``) example workers that boot in ``boot_delay`` s."""
+    env = {"EXAMPLE_BOOT_DELAY": f"{boot_delay:g}"}
     return h.start_flypool(EXAMPLE, workers=2, listen=["unix:{tmp}/app.sock"], env=env,
-                           worker_idle_time=idle_time, daemon=daemon, **KEYS)  # fmt: skip
+                           worker_idle_time=idle_time, daemon=daemon,
+                           **{**KEYS, "max_workers": max_workers, **app})  # fmt: skip
 
 
 def step(s: h.Suite, a: Any) -> None:
     """(a) and (b): the base rate, then 4x; queue waits and scale events."""
-    with start(a, a.idle_time, {"access_log": "-"}) as fp:
+    with start(a.boot_delay, a.idle_time, {"access_log": "-"}) as fp:
         load, end = OpenLoop(fp.listen[0], a.base), a.settle + a.steady
         try:
             h.poll(lambda: load.now() >= a.before or None, a.before + 30, "the step")
@@ -152,36 +172,73 @@ def step(s: h.Suite, a: Any) -> None:
     s.check("4x step: failed requests", sum(r.failed for r in recs), "== 0", hard=True)
 
 
-def churn(s: h.Suite, a: Any) -> None:
-    """(c): bursts grow the pool, light load lets it shrink; failed requests."""
+def scale_downs(fp: h.Flypool) -> int:
+    """Workers scaled down so far, from the daemon's log (``elastic scale down`` events)."""
+    return -sum(e["step"] for e in fp.events() if e.get("event") == "elastic scale down")
 
-    def downs() -> int:
-        return -sum(e["step"] for e in fp.events() if e.get("event") == "elastic scale down")
+
+def cycles(a: Any, fp: h.Flypool, load: OpenLoop, done: Any) -> int:
+    """Burst until the pool grew to ``--churn-max-workers`` (or stopped growing for
+    ``--stall`` s), then light load until it is 2 again; until ``done()``. The cycles."""
+    burst, n, last = h.get(f"/?delay={a.burst_delay:g}"), 0, [2, 0.0]
 
     def grown() -> bool | None:  # last: [target, when it changed]
-        if (n := fp.app()["workers_target"]) != last[0]:
-            last[:] = [n, time.monotonic()]
-        return True if n >= 8 or time.monotonic() - last[1] > 1.2 else None
+        if (target := fp.app()["workers_target"]) != last[0]:
+            last[:] = [target, time.monotonic()]
+        stalled = time.monotonic() - last[1] > a.stall
+        return True if target >= a.churn_max_workers or stalled else None
 
-    with start(a, a.churn_idle) as fp:
-        load, cycles, last = OpenLoop(fp.listen[0], a.light), 0, [2.0, 0.0]
+    while not done():
+        load.req, load.rate = burst, a.burst
+        n, last[:] = n + 1, [2, time.monotonic()]
+        h.poll(grown, 30, "growth", fp.proc.exited)
+        load.req, load.rate = REQ, a.light
+        h.poll(lambda: fp.app()["workers_target"] <= 2 or None, 60, "shrinking to 2",
+               fp.proc.exited)  # fmt: skip
+    return n
+
+
+def churn(s: h.Suite, a: Any) -> None:
+    """(c): in ``--pools`` daemons side by side, bursts grow the pool, light load lets it
+    shrink; until ``--scale-downs`` in all (their logs) or ``--churn-time`` s; failed requests."""
+    preload = {"preload": a.churn_preload.split(",")} if a.churn_preload else {}
+    with contextlib.ExitStack() as stack:
+        fps = [stack.enter_context(start(a.churn_boot_delay, a.churn_idle, None,
+                                         a.churn_max_workers, **preload))
+               for _ in range(a.pools)]  # fmt: skip
+        loads, t0, failed = [OpenLoop(fp.listen[0], a.light) for fp in fps], time.monotonic(), []
+
+        def done() -> bool:
+            return bool(failed) or time.monotonic() - t0 >= a.churn_time or sum(
+                map(scale_downs, fps)) >= a.scale_downs  # fmt: skip
+
+        def one(fp: h.Flypool, load: OpenLoop) -> int:
+            try:
+                return cycles(a, fp, load, done)
+            except BaseException as err:  # the other pools stop too, then it is raised
+                failed.append(err)
+                raise
+
         try:
-            while downs() < a.scale_downs and load.now() < a.churn_time:
-                load.rate, cycles, last[:] = a.burst, cycles + 1, [2.0, time.monotonic()]
-                h.poll(grown, 30, "growth", fp.proc.exited)
-                load.rate = a.light
-                h.poll(lambda: fp.app()["workers_target"] <= 2 or None, 60, "shrinking to 2",
-                       fp.proc.exited)  # fmt: skip
-            reached, took = downs(), load.now()
+            with ThreadPoolExecutor(len(fps)) as pool:
+                runs = [pool.submit(one, fp, load) for fp, load in zip(fps, loads, strict=True)]
+                n = [run.result() for run in runs]
+            per_pool, took = [scale_downs(fp) for fp in fps], time.monotonic() - t0
+            boots = [e["boot_s"] for fp in fps for e in fp.events()
+                     if e.get("event") == "worker ready"]  # fmt: skip
         finally:
-            recs = load.stop()
-    st = h.stats(recs)
+            recs = [r for load in loads for r in load.stop()]
+    reached, st = sum(per_pool), h.stats(recs)
     failures = [(r.start, r.outcome()) for r in recs if r.failed][:50]
-    s.data["churn"] = {"scale_downs": reached, "cycles": cycles, "s": took, "failures": failures}
-    s.md(f"**Scale-downs**: `worker_idle_time = {a.churn_idle}`, {a.light:g} req/s between "
-         f"bursts of {a.burst:g} req/s.", h.table(
-        "cycles>|scale-downs>|s>|scale-downs / min>|requests>|failed>|failures",
-        [[cycles, reached, took, reached * 60 / took, st["requests"], st["failed"],
+    s.data["churn"] = {"scale_downs": reached, "per_pool": per_pool, "cycles": n, "s": took,
+                       "boot_s_median": h.median(boots), "failures": failures}  # fmt: skip
+    spawn = f"preloaded (`preload = {a.churn_preload}`)" if a.churn_preload else "cold"
+    s.md(f"**Scale-downs**: {a.pools} daemons side by side, each 2..{a.churn_max_workers} "
+         f"workers, `worker_idle_time = {a.churn_idle}`, {a.light:g} req/s between bursts of "
+         f"{a.burst:g} req/s (`GET /?delay={a.burst_delay:g}`); {spawn} workers boot in "
+         f"{h.num(h.median(boots))} s (median, as logged).", h.table(
+        "pools>|cycles>|scale-downs>|s>|scale-downs / min>|requests>|failed>|failures",
+        [[a.pools, sum(n), reached, took, reached * 60 / took, st["requests"], st["failed"],
           h.kinds(recs) or "—"]]))  # fmt: skip
     s.check(f"failed requests across {reached} scale-downs (goal: 1,000)", st["failed"], "== 0",
             hard=True)  # fmt: skip
@@ -190,8 +247,11 @@ def churn(s: h.Suite, a: Any) -> None:
 
 def run(s: h.Suite, a: Any) -> None:
     """The step (a, b), then the scale-downs (c)."""
-    step(s, a)
-    churn(s, a)
+    phases = set(a.phases.split(","))
+    if "step" in phases:
+        step(s, a)
+    if "churn" in phases:
+        churn(s, a)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ The window counts, per quarter second, the requests that left the queue and
 those of them that waited over 100 ms: "p95 > 100 ms" is "more than 5 %
 waited over 100 ms". Recording a wait is two integer updates, no
 allocation. After a step up only newer evidence counts, so one burst does
-not buy several workers.
+not buy several workers, and after a step down neither: a step down means
+the queue was empty and extras idle, so slow waits before it are stale (the
+backlog of a burst that has ended must not grow the pool right after it
+shrank).
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class Elastic:
         self.ceiling = ceiling
         self.idle_time = idle_time
         self.window = QueueWaitWindow()
-        self.last_up = 0.0
+        # The last step, either way: only evidence after it buys a step up.
+        self.last_step = 0.0
         self.ups = 0
         self.downs = 0
 
@@ -104,16 +108,21 @@ class Elastic:
         queued: int,
         queue_full: bool,
     ) -> int:
-        """The change of target the evidence asks for: +1, -k (k idle extras) or 0."""
-        if target < self.ceiling and spawning == 0:
-            since = 0.0 if queue_full else self.last_up
-            if queue_full or self.window.p95_slow(now, since):
-                self.last_up = now
-                self.ups += 1
-                return 1
+        """The change of target the evidence asks for: -k (k idle extras), +1 or 0.
+
+        Down is looked at first: with nothing queued, an extra idle for
+        ``idle_time`` shows spare capacity now, whatever the window says.
+        """
         if target > self.floor and not queued:
             idle = sum(1 for w in ready if not w.inflight and now - w.last_used >= self.idle_time)
             down = min(idle, target - self.floor)
-            self.downs += down
-            return -down
+            if down:
+                self.downs += down
+                self.last_step = now
+                return -down
+        may_grow = target < self.ceiling and spawning == 0
+        if may_grow and (queue_full or self.window.p95_slow(now, self.last_step)):
+            self.last_step = now
+            self.ups += 1
+            return 1
         return 0
