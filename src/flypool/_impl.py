@@ -52,6 +52,8 @@ COMPILED: Final[tuple[str, ...]] = (
     "flypool.http.request",
     "flypool.http.upstream",
     "flypool.http.client",
+    "flypool.http.router",
+    "flypool.pool.balancer",
 )
 """The modules that setup.py compiles with mypyc (one shared library, one group)."""
 

@@ -107,6 +107,16 @@ F_UNDERSCORE: Final = 8  # a name with "_"
 F_XFF: Final = 16  # X-Forwarded-For
 
 
+def _has_underscore(name: bytes) -> bool:
+    # A loop, not `b"_" in name` nor find(): CPython 3.11's bytes `in` first
+    # tries its operand as an int and formats a TypeError (~2k instructions),
+    # find() parses its arguments (~800); compiled, a few dozen.
+    for i in range(len(name)):  # noqa: SIM110 (an index loop is mypyc's fastest)
+        if name[i] == 95:
+            return True
+    return False
+
+
 class _HeadTooLarge(Exception):
     pass
 
@@ -118,6 +128,7 @@ class ClientConnection(asyncio.Protocol):
         "_conn_values",
         "_consuming",
         "_decoder",
+        "_fed",
         "_flags",
         "_head_len",
         "_headers",
@@ -201,6 +212,8 @@ class ClientConnection(asyncio.Protocol):
         self._upgrade = False
         self._method = b""
         self._version = ""
+        # The bytes being fed to llhttp (its callbacks read the request line there).
+        self._fed = b""
         self._left = 0
         self._decoder: ChunkedDecoder | None = None
         self._pieces: list[bytes] = []
@@ -331,23 +344,8 @@ class ClientConnection(asyncio.Protocol):
                 if nxt is None:
                     self._illegal(E_HEAD_START)
                 self.state = nxt
-                self._url = b""
-                self._headers = []
-                self._hosts = 0
-                self._length = b""
-                self._flags = 0
-                self._conn_values = None
-                self._xff_index = -1
-                self.head_complete = False
-                try:
-                    self.parser.feed_data(data)
-                except httptools.HttpParserUpgrade:
-                    pass  # checked with should_upgrade() once the head is complete
-                except httptools.HttpParserCallbackError as exc:
-                    self._error(431 if isinstance(exc.__context__, _HeadTooLarge) else 400)
-                    return
-                except httptools.HttpParserError:
-                    self._error(400)
+                self._reset_head()
+                if not self._feed_head(data):
                     return
                 if self.head_complete:
                     self._head_done(data, b"")
@@ -489,6 +487,9 @@ class ClientConnection(asyncio.Protocol):
             state = CLIENT_TABLE[self.state][E_HEAD_START]
             assert state is not None
             self.state = state
+        self._reset_head()
+
+    def _reset_head(self) -> None:
         self._url = b""
         self._headers = []
         self._hosts = 0
@@ -500,6 +501,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _feed_head(self, data: bytes) -> bool:
         """Feed head bytes to llhttp; False (and the error answered) if it refuses them."""
+        self._fed = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -550,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
                 self._flags |= F_REWRITE
         elif n == 2 and name.lower() == b"te":
             self._flags |= F_REWRITE
-        if b"_" in name:
+        if _has_underscore(name):
             self._flags |= F_REWRITE | F_UNDERSCORE
         if len(headers) > MAX_HEADERS:
             raise _HeadTooLarge
@@ -561,8 +563,15 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         self._keep_alive = parser.should_keep_alive()
         self._upgrade = parser.should_upgrade()
-        self._method = parser.get_method()
-        self._version = parser.get_http_version()
+        method = self._method = parser.get_method()
+        # "HTTP/1.1" read from the request line when it is where a plain line
+        # has it: get_http_version() formats a str (~2k instructions).
+        first = self._parts[0] if self._parts else self._fed
+        at = len(method) + len(self._url) + 1
+        if first[at : at + 11] == b" HTTP/1.1\r\n" and first[len(method)] == 32:
+            self._version = "1.1"
+        else:
+            self._version = parser.get_http_version()
         self.head_complete = True
 
     def _head_done(self, head: bytes, rest: bytes) -> bytes:
@@ -691,7 +700,9 @@ class ClientConnection(asyncio.Protocol):
             low = name.lower()
             if low in drop:
                 continue
-            if b"_" in name and (drop_underscored or low.replace(b"_", b"-") in FRAMING_ALIASES):
+            if _has_underscore(name) and (
+                drop_underscored or low.replace(b"_", b"-") in FRAMING_ALIASES
+            ):
                 continue
             if i == xff_index:
                 value = value + b", " + self.client_addr

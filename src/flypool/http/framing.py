@@ -99,7 +99,7 @@ class ChunkedDecoder:
                 pos = nl + 1
                 if len(line) > MAX_LINE:
                     raise ChunkedError("chunk line too long")
-                if len(line) < 2 or line[-2] != 13 or b"\r" in line[:-2]:
+                if len(line) < 2 or line[-2] != 13 or line.find(b"\r", 0, -2) >= 0:
                     raise ChunkedError("chunk line not ended by CRLF")
                 if state == _SIZE_LINE:
                     self._size_line(line[:-2])

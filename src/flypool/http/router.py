@@ -12,8 +12,11 @@ out: worker connections report how they failed, the policy decides, the
 router resends, retries elsewhere or answers 502.
 
 Hooks for the pool controller (cheap, one call per finished attempt):
-``on_request_done(worker, status, seconds, failed)`` and ``queue_waits``
-(see :mod:`flypool.http.waits`).
+``on_slot_freed(worker)`` (every slot given back: how a draining worker's
+last request ends its drain), ``on_request_done(worker, status, seconds,
+failed)`` and ``queue_waits`` (see :mod:`flypool.http.waits`). They are
+attributes, not methods to override: this module is compiled (mypyc), and an
+interpreted class cannot subclass a compiled one.
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ class Router:
         self.stuck: Callable[[Worker], None] = lambda w: None
         # Called once per finished request when the access log is on.
         self.access_log: Callable[[Request, int, Worker | None], None] | None = None
-        # Pool controller hook: once per attempt a worker finished or failed,
-        # with the seconds since the worker took the request.
+        # Pool controller hooks: once per slot given back; once per attempt a
+        # worker finished or failed, with the seconds since it took the request.
+        self.on_slot_freed: Callable[[Worker], None] | None = None
         self.on_request_done: Callable[[Worker, int, float, bool], None] | None = None
         # Queue waits of the last seconds (elastic pool, SPEC §10).
         self.queue_waits: WaitRecorder = QueueWaits()
@@ -273,6 +277,9 @@ class Router:
         w.last_used = self.loop.time()
         if self.queue:
             self.serve_queue()
+        hook = self.on_slot_freed
+        if hook is not None:
+            hook(w)
 
     def _settle(
         self, req: Request, status: int, failed: bool, *, report: bool = True
@@ -488,6 +495,20 @@ class Router:
         # Route around it until a liveness check says which, so requests
         # don't go to a process that is already gone.
         self.suspect(w)
+
+    def reroute_connecting(self, w: Worker) -> None:
+        """Requests still connecting to the dead ``w`` were never sent: go elsewhere (SPEC §6)."""
+        for req in [r for r in self.active if r.worker is w and r.upstream is None]:
+            self.retry_elsewhere(req)
+
+    def held_by(self, w: Worker) -> list[tuple[bytes, bytes, float]]:
+        """(method, target, seconds since the worker had it whole) of each request ``w`` holds."""
+        now = self.loop.time()
+        return [
+            (r.method, r.target, now - r.clock_at if r.clock_at else 0.0)
+            for r in self.active
+            if r.worker is w
+        ]
 
     def retry_elsewhere(self, req: Request) -> None:
         """``req`` never reached its worker (still connecting when it died): go on."""

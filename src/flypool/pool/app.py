@@ -4,9 +4,8 @@ The router (:mod:`flypool.http.router`) reads the worker list to route; the
 controller (:mod:`flypool.pool.controller`) is the only code that changes
 it. The router reports to the controller through three hooks:
 
-- every slot given back (:meth:`PoolRouter.release`): how a draining
-  worker's last request ends its drain, tunnels and abandoned requests
-  included;
+- every slot given back (``on_slot_freed``): how a draining worker's last
+  request ends its drain, tunnels and abandoned requests included;
 - every finished attempt (``on_request_done``): status and latency, for a
   canary's judge;
 - every queue wait (``queue_waits``): the elastic pool's evidence.
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from flypool.config import AppConfig
 from flypool.http.router import Router
-from flypool.http.waits import WaitRecorder
+from flypool.http.waits import WaitTee
 from flypool.pool.controller import Controller, now_iso
 from flypool.pool.spawner import Launcher
 from flypool.pool.stuck_stack import HeldRequest
@@ -28,55 +27,15 @@ from flypool.pool.worker import Worker
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-    from flypool.http.request import Request
-
-__all__ = ["AppPool", "PoolRouter", "now_iso"]
+__all__ = ["AppPool", "now_iso"]
 
 
-class _Tee:
-    """Records each queue wait into two recorders (the router's and the elastic pool's)."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: WaitRecorder, b: WaitRecorder) -> None:
-        self.a = a
-        self.b = b
-
-    def add(self, now: float, wait: float) -> None:
-        self.a.add(now, wait)
-        self.b.add(now, wait)
-
-
-class PoolRouter(Router):
-    """The app's router, telling its controller about every slot given back."""
-
-    controller: Controller | None = None
-
-    def release(self, req: Request) -> None:
-        """Free ``req``'s worker slot, then let the controller look again if it matters."""
-        w = req.worker
-        super().release(req)
-        ctl = self.controller
-        if w is not None and ctl is not None:
-            ctl.slot_freed(w)
-
-    def held_by(self, w: Worker) -> list[HeldRequest]:
-        """The requests ``w`` holds (a stuck worker's stack event names them)."""
-        now = self.loop.time()
-        return [
-            HeldRequest(
-                r.method.decode("latin-1"),
-                r.target.decode("latin-1"),
-                now - r.clock_at if r.clock_at else 0.0,
-            )
-            for r in self.active
-            if r.worker is w
-        ]
-
-    def reroute_connecting(self, w: Worker) -> None:
-        """Requests still connecting to the dead ``w`` were never sent: go elsewhere (SPEC §6)."""
-        for req in [r for r in self.active if r.worker is w and r.upstream is None]:
-            self.retry_elsewhere(req)
+def held_by(router: Router, w: Worker) -> list[HeldRequest]:
+    """The requests ``w`` holds (a stuck worker's stack event names them)."""
+    return [
+        HeldRequest(method.decode("latin-1"), target.decode("latin-1"), seconds)
+        for method, target, seconds in router.held_by(w)
+    ]
 
 
 class AppPool:
@@ -93,7 +52,7 @@ class AppPool:
         self.loop = loop
         self.log = log.bind(app=cfg.name)
         self.workers: list[Worker] = []
-        self.router = PoolRouter(
+        self.router = Router(
             loop,
             cfg.name,
             self.workers,
@@ -111,11 +70,11 @@ class AppPool:
         )
         ctl = self.controller
         router = self.router
-        router.controller = ctl
+        router.on_slot_freed = ctl.slot_freed
         router.on_request_done = ctl.request_done
-        router.queue_waits = _Tee(router.queue_waits, ctl.elastic.window)
+        router.queue_waits = WaitTee(router.queue_waits, ctl.elastic.window)
         router.recycle = lambda w: ctl.replace(w, "max_requests reached")
-        router.stuck = lambda w: ctl.stuck(w, "max_request_time exceeded", router.held_by(w))
+        router.stuck = lambda w: ctl.stuck(w, "max_request_time exceeded", held_by(router, w))
         self.started_at = loop.time()
 
     @property

@@ -64,7 +64,7 @@ def now_iso() -> str:
 
 
 class RouterPort(Protocol):
-    """What the controller needs of the app's router (flypool.pool.app.PoolRouter)."""
+    """What the controller needs of the app's router (flypool.http.router.Router)."""
 
     @property
     def queue(self) -> Sized:
