@@ -49,6 +49,9 @@ class FakeRouter:
     def reroute_connecting(self, w: Worker) -> None:
         return None
 
+    def watch(self, *, every_slot: bool, outcomes: bool) -> None:
+        return None
+
 
 class EventLog:
     """A structlog-shaped logger that keeps every event for assertions."""

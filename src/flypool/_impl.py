@@ -54,6 +54,7 @@ COMPILED: Final[tuple[str, ...]] = (
     "flypool.http.client",
     "flypool.http.router",
     "flypool.pool.balancer",
+    "flypool.pool.wait_window",
 )
 """The modules that setup.py compiles with mypyc (one shared library, one group)."""
 

@@ -132,6 +132,9 @@ class Router:
         # worker finished or failed, with the seconds since it took the request.
         self.on_slot_freed: Callable[[Worker], None] | None = None
         self.on_request_done: Callable[[Worker, int, float, bool], None] | None = None
+        # What the hooks hear (see watch()): by default everything.
+        self.every_slot = True
+        self.outcomes = True
         # Queue waits of the last seconds (elastic pool, SPEC §10).
         self.queue_waits: WaitRecorder = QueueWaits()
         self.log: FilteringBoundLogger = get_logger(app=app)
@@ -278,8 +281,17 @@ class Router:
         if self.queue:
             self.serve_queue()
         hook = self.on_slot_freed
-        if hook is not None:
+        if hook is not None and (self.every_slot or w.state is not _READY):
             hook(w)
+
+    def watch(self, *, every_slot: bool, outcomes: bool) -> None:
+        """What the pool's hooks hear: every slot given back (else only a
+        worker's that is no longer READY: a drain's end), and every request's
+        outcome (else none). Each call of an interpreted hook costs more than
+        this module's work for a request, so the pool asks only for what it uses.
+        """
+        self.every_slot = every_slot
+        self.outcomes = outcomes
 
     def _settle(
         self, req: Request, status: int, failed: bool, *, report: bool = True
@@ -290,7 +302,7 @@ class Router:
             return None
         self.release(req)
         hook = self.on_request_done
-        if hook is not None and report:
+        if hook is not None and report and self.outcomes:
             hook(w, status, self.loop.time() - req.taken_at, failed)
         return w
 
@@ -308,7 +320,7 @@ class Router:
             w.processed += 1
             self.release(req)
             hook = self.on_request_done
-            if hook is not None:
+            if hook is not None and self.outcomes:
                 hook(w, status, self.loop.time() - req.taken_at, False)
             if self.max_requests and w.processed >= self.max_requests:
                 self.recycle(w)

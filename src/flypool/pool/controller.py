@@ -92,12 +92,13 @@ class Controller:
         # -- desired state
         self.target = cfg.workers
         self.generation = 0
-        self.restart: RestartPlan | None = None
-        self.stop_plan: StopPlan | None = None
+        self._restart: RestartPlan | None = None
+        self._stop_plan: StopPlan | None = None
         self.steady = SteadyPlan()
         self.elastic = Elastic(cfg.workers, cfg.max_workers, cfg.worker_idle_time)
         # A USR2 hand-over is collecting state: no new spawns.
-        self.frozen = False
+        self._frozen = False
+        self._watch()
         # -- bookkeeping
         self.restart_seq = 0
         self.deployment_error: Failure | None = None
@@ -277,8 +278,51 @@ class Controller:
         self.procs.stop(w, Stuck(reason, tuple(requests)))
         self.poke()
 
+    # The three settings below decide what the router reports on the request
+    # path (Router.watch): setting them is the only way to change them, so
+    # the router never calls into this interpreted code when nothing listens.
+
+    @property
+    def restart(self) -> RestartPlan | None:
+        """The running restart (rolling, blocking or canary), if any."""
+        return self._restart
+
+    @restart.setter
+    def restart(self, plan: RestartPlan | None) -> None:
+        self._restart = plan
+        self._watch()
+
+    @property
+    def stop_plan(self) -> StopPlan | None:
+        """Set once the daemon stops this app."""
+        return self._stop_plan
+
+    @stop_plan.setter
+    def stop_plan(self, plan: StopPlan | None) -> None:
+        self._stop_plan = plan
+        self._watch()
+
+    @property
+    def frozen(self) -> bool:
+        """True while a USR2 hand-over collects the state (no new spawns)."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, frozen: bool) -> None:
+        self._frozen = frozen
+        self._watch()
+
+    def _watch(self) -> None:
+        # Every slot given back matters while stopping or handing over (the
+        # last one ends the wait); otherwise only a leaving worker's (its
+        # drain). Request outcomes matter only to a restart (a canary's judge).
+        self.router.watch(
+            every_slot=self._stop_plan is not None or self._frozen,
+            outcomes=self._restart is not None,
+        )
+
     def slot_freed(self, w: Worker) -> None:
-        """A request gave ``w``'s slot back; called for every request (keep cheap)."""
+        """A request gave ``w``'s slot back (the router calls it as :meth:`_watch` says)."""
         if (w.state is _S.DRAINING and not w.inflight) or self.stop_plan or self.frozen:
             self.poke()
 

@@ -89,6 +89,9 @@ class RouterPort(Protocol):
     def reroute_connecting(self, w: Worker) -> None:
         """Send requests still connecting to the dead ``w`` elsewhere."""
 
+    def watch(self, *, every_slot: bool, outcomes: bool) -> None:
+        """Which events of the request path to report to the pool's hooks."""
+
 
 class Owner(Protocol):
     """What :class:`Processes` tells the controller."""
@@ -248,7 +251,7 @@ class Processes:
                 self._signal_stop(w)
             self.owner.poke()
             return
-        w.rss_bytes = memory.rss_of(w.pid)
+        w.rss_bytes = memory.own_rss(w.pid)
         self.log.info(
             "worker spawned",
             pid=w.pid,
@@ -277,7 +280,7 @@ class Processes:
         w.ready_at = now
         w.last_used = now
         # Known from the moment it is ready (SPEC §8), not at the next sample.
-        w.rss_bytes = memory.rss_of(w.pid) or w.rss_bytes
+        w.rss_bytes = memory.own_rss(w.pid) or w.rss_bytes
         self.failures = 0
         self.spawn_error = None
         self.router.set_failing(False)
