@@ -32,6 +32,8 @@ class FakeRouter:
         self.max_queue = 100
         self.failing = False
         self.cut_calls: list[tuple[int, int, str]] = []
+        # What the controller last asked the router to report (Router.watch).
+        self.watching: tuple[bool, bool] | None = None
 
     def retire_idle(self, w: Worker) -> None:
         return None
@@ -50,7 +52,7 @@ class FakeRouter:
         return None
 
     def watch(self, *, every_slot: bool, outcomes: bool) -> None:
-        return None
+        self.watching = (every_slot, outcomes)
 
 
 class EventLog:

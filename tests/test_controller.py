@@ -272,3 +272,28 @@ def test_process_bound_holds_through_restarts_scale_and_crashes() -> None:
         assert {w.release for w in h.workers} == {str(b)}
 
     run(cfg, base, body)
+
+
+def test_router_reports_only_what_the_controller_listens_to() -> None:
+    """Router.watch follows the restart, the stop plan and the USR2 freeze."""
+    base, (_a, b) = _releases("A", "B")
+    cfg = app_config(base / "current", workers=1, env={"BOOT_S": "0.1"})
+
+    async def body(h: Harness) -> None:
+        ctl = h.ctl
+        await h.settled(1)
+        # Steady: a leaving worker's slots only, no request outcomes.
+        assert h.router.watching == (False, False)
+        point_current(base, b)
+        ctl.request_restart("rolling", "deploy")
+        assert h.router.watching == (False, True)  # a canary's judge may listen
+        await h.settled(1)
+        assert ctl.restart is None and h.router.watching == (False, False)
+        ctl.freeze()
+        assert h.router.watching == (True, False)  # the hand-over waits on every slot
+        ctl.thaw()
+        assert h.router.watching == (False, False)
+        ctl.stop(graceful=True, deadline=h.loop.time() + 10)
+        assert h.router.watching == (True, False)
+
+    run(cfg, base, body)
