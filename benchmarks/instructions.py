@@ -6,7 +6,9 @@ Run from the repository root::
 
 A deterministic count where wall-clock and CPU figures on a shared machine are
 not (issue 10): one daemon (one worker, ``worker_concurrency = 0``, the fast
-keep-alive backend of router_compare.py on a Unix socket) runs under
+keep-alive backend of router_compare.py on a Unix socket, or with
+``--backend gunicorn`` its one sync gunicorn worker, which closes every
+connection) runs under
 ``valgrind --tool=callgrind`` with instrumentation off; after 300 warm-up
 requests it is switched on (``callgrind_control -i on``) for ``-n`` GETs sent
 one after another on one keep-alive connection (a Unix socket), then off.
@@ -39,15 +41,23 @@ REQ = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 WARMUP = 300
 
 
-def config(tmp: Path) -> Path:
+BACKENDS = {
+    "fast": [h.PY, str(h.APPS / "fast_backend.py"), "--socket", "{socket}"],
+    # One sync worker: it closes every connection (a connect per request).
+    "gunicorn": h.gunicorn("unix:{socket}", "flypool.example.wsgi:app"),
+}
+
+
+def config(tmp: Path, backend: list[str]) -> Path:
     """The daemon's configuration in ``tmp``."""
     (tmp / "run").mkdir()
-    backend = [h.PY, str(h.APPS / "fast_backend.py"), "--socket", "{socket}"]
     toml = (
         f'[daemon]\nadmin_socket = "{tmp}/admin.sock"\nruntime_dir = "{tmp}/run"\n'
         'log_format = "json"\n\n[[app]]\nname = "app"\n'
         f'root = "{tmp}"\ncommand = {h._toml(backend)}\nlisten = ["unix:{tmp}/front.sock"]\n'
-        "workers = 1\nworker_concurrency = 0\n" + ('user = "root"\n' if os.geteuid() == 0 else "")
+        "workers = 1\nworker_concurrency = 0\n"
+        # The daemon's FLYPOOL_IMPL is not the worker's business (gunicorn imports flypool).
+        'env = { FLYPOOL_IMPL = "auto" }\n' + ('user = "root"\n' if os.geteuid() == 0 else "")
     )
     path = tmp / "flypool.toml"
     path.write_text(toml)
@@ -100,6 +110,7 @@ def main() -> int:
     ap.add_argument("--src", help="a directory holding another flypool package")
     ap.add_argument("--impl", default="compiled", choices=("compiled", "pure"))
     ap.add_argument("-n", type=int, default=1000, help="requests counted (default 1000)")
+    ap.add_argument("--backend", default="fast", choices=sorted(BACKENDS))
     ap.add_argument("--keep", action="store_true", help="keep the callgrind files")
     args = ap.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -108,9 +119,9 @@ def main() -> int:
     env = dict(os.environ, FLYPOOL_IMPL=args.impl, NOSAMPLER="1")
     launcher = [str(h.APPS / "run_from.py")]
     env["FLYPOOL_SRC"] = str(Path(args.src).resolve()) if args.src else str(h.HERE.parent / "src")
-    out = tmp / "callgrind.out"
+    out, conf = tmp / "callgrind.out", config(tmp, BACKENDS[args.backend])
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-            h.PY, *launcher, "-m", "flypool", "run", "-c", str(config(tmp))]  # fmt: skip
+            h.PY, *launcher, "-m", "flypool", "run", "-c", str(conf)]  # fmt: skip
     with open(tmp / "daemon.log", "wb") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
@@ -133,7 +144,7 @@ def main() -> int:
         proc.wait(60)
     count = total_instructions(sorted(tmp.glob("callgrind.out*")))
     where = args.src or "this tree"
-    print(f"{where} ({args.impl}): {count / args.n:,.0f} instructions per keep-alive GET "
+    print(f"{where} ({args.impl}, {args.backend}): {count / args.n:,.0f} instructions per GET "
           f"(n={args.n}; callgrind, user space, daemon only)")  # fmt: skip
     if args.keep:
         print(f"callgrind files: {tmp}")

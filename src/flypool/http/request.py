@@ -17,6 +17,7 @@ both, ``client`` imports the router.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from flypool.http.retry import IDEMPOTENT, REPLAY_LIMIT
@@ -79,6 +80,9 @@ class Upstream(Protocol):
     """What a request and the router use of a worker connection (``UpstreamConnection``)."""
 
     transport: asyncio.Transport | None
+    # The transport's write() and is_closing(), bound once.
+    transport_write: Callable[[bytes], object]
+    transport_closing: Callable[[], bool]
     # The client's transport while the answer goes to a client.
     sink: asyncio.Transport | None
 
@@ -278,17 +282,18 @@ class Request:
             # The first write of an attempt shows whether the worker's end was
             # already closed (EPIPE at once): then nothing was delivered, and
             # the bytes stay here for a resend.
-            if transport.is_closing():
+            closing = up.transport_closing
+            if closing():
                 return
             if len(out) == 1:
-                transport.write(out[0])
+                up.transport_write(out[0])
             else:
                 transport.writelines(out)
-            if transport.is_closing():
+            if closing():
                 return
             self.sent_any = True
         elif len(out) == 1:
-            transport.write(out[0])
+            up.transport_write(out[0])
         else:
             transport.writelines(out)
         replay = self.replay

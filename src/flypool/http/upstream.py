@@ -16,6 +16,7 @@ answer bytes) to its owner, the router, which applies the retry policy.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, NoReturn, Protocol, cast
 
 import httptools
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
     from flypool.pool.worker import Worker
 
 _READY = WorkerState.READY
+
+
+def _no_write(data: bytes) -> None:
+    """``transport_write`` without a transport (never called: callers check first)."""
+
+
+def _gone() -> bool:
+    """``transport_closing`` without a transport."""
+    return True
+
+
 # Enum members as module constants (a class attribute read of an enum costs ~20x more).
 U_CLOSED: Final = UpstreamState.CLOSED
 U_DONE: Final = UpstreamState.DONE
@@ -120,6 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
         "state",
         "status",
         "transport",
+        "transport_closing",
+        "transport_write",
         "worker",
     )
 
@@ -127,6 +141,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.worker = worker
         self.transport: asyncio.Transport | None = None
+        # The transport's write() and is_closing(), bound once: called for
+        # every request, and a method call on uvloop's transport looks the
+        # method up each time (~300 instructions).
+        self.transport_write: Callable[[bytes], object] = _no_write
+        self.transport_closing: Callable[[], bool] = _gone
         self.parser = httptools.HttpResponseParser(self)
         self.state = U_IDLE
         self.req: Request | None = None
@@ -212,7 +231,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = nxt
         w = self.worker
         transport = self.transport
-        if transport is None or transport.is_closing() or w.state is not _READY:
+        if transport is None or self.transport_closing() or w.state is not _READY:
             self.close()
             return
         self.idle_since = self.owner.loop.time()
@@ -271,8 +290,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=65536)
+        t = self.transport = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=65536)
+        self.transport_write = t.write
+        self.transport_closing = t.is_closing
 
     def pause_writing(self) -> None:
         req = self.req
@@ -336,6 +357,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.transport_write = _no_write
+        self.transport_closing = _gone
         state = self.state
         req = self.req
         self.req = None
@@ -344,7 +367,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._go(UE_LOST)
         if req is None:
-            self.owner.idle_lost(self)
+            if state is U_IDLE:
+                # Pooled: the worker's idle timeout, or its death. (One we
+                # closed is MUST_CLOSE: nothing to tell.)
+                self.owner.idle_lost(self)
             return
         if state is U_TUNNEL:
             self.owner.tunnel_closed(req, self)
@@ -454,7 +480,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self._raw_ok = False
                 return
         self._raw_ok = False
-        version = b"1.1" if self.parser.get_http_version() == "1.1" else b"1.0"
+        # From the status line when it is plain: get_http_version() formats a str.
+        if data.startswith(b"HTTP/1.1 "):
+            version = b"1.1"
+        elif data.startswith(b"HTTP/1.0 "):
+            version = b"1.0"
+        else:
+            version = b"1.1" if self.parser.get_http_version() == "1.1" else b"1.0"
         self._out.append(
             build_response_head(
                 version, self.parser.get_status_code(), self._reason, self._headers, connection

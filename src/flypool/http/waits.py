@@ -29,19 +29,6 @@ class WaitRecorder(Protocol):
         """Record one request's queue wait at loop time ``now``."""
 
 
-class WaitTee:
-    """Records each queue wait into two recorders (the router's and the elastic pool's)."""
-
-    def __init__(self, a: WaitRecorder, b: WaitRecorder) -> None:
-        self.a = a
-        self.b = b
-
-    def add(self, now: float, wait: float) -> None:
-        """Record one wait in both."""
-        self.a.add(now, wait)
-        self.b.add(now, wait)
-
-
 def _bucket(wait: float) -> int:
     ms = int(wait * 1000.0)
     if ms <= 0:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from flypool.config import AppConfig
 from flypool.http.router import Router
-from flypool.http.waits import WaitTee
 from flypool.pool.controller import Controller, now_iso
 from flypool.pool.spawner import Launcher
 from flypool.pool.stuck_stack import HeldRequest
@@ -72,7 +71,8 @@ class AppPool:
         router = self.router
         router.on_slot_freed = ctl.slot_freed
         router.on_request_done = ctl.request_done
-        router.queue_waits = WaitTee(router.queue_waits, ctl.elastic.window)
+        # The elastic pool's window is the only reader of queue waits here.
+        router.queue_waits = ctl.elastic.window
         router.recycle = lambda w: ctl.replace(w, "max_requests reached")
         router.stuck = lambda w: ctl.stuck(w, "max_request_time exceeded", held_by(router, w))
         self.started_at = loop.time()

@@ -1,7 +1,7 @@
 """The elastic pool's evidence: queue waits of the last 5 s in quarter-second slots.
 
-The router records every request's wait here (through
-:class:`flypool.http.waits.WaitTee`), so this runs once per request and is
+The router records every request's wait here (``Router.queue_waits``), so
+this runs once per request and is
 compiled with the hot path (mypyc); :mod:`flypool.pool.elastic` reads it when
 it decides a step. Recording is two integer updates, no allocation.
 """
