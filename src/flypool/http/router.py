@@ -329,11 +329,8 @@ class Router:
         req.done = True
         req.conn.answer_ends(req)
 
-    def fail(self, req: Request, status: int, detail: str) -> None:
-        """End ``req`` with the daemon's own error (or a cut answer) and free what it holds."""
-        if req.done:
-            return
-        req.done = True
+    def _unqueue(self, req: Request) -> None:
+        # A request with a queue timer is (or was) queued: out of the queue.
         if req.timer is not None:
             req.timer.cancel()
             req.timer = None
@@ -341,6 +338,13 @@ class Router:
                 self.queue.remove(req)
             except ValueError:
                 pass
+
+    def fail(self, req: Request, status: int, detail: str) -> None:
+        """End ``req`` with the daemon's own error (or a cut answer) and free what it holds."""
+        if req.done:
+            return
+        req.done = True
+        self._unqueue(req)
         up = req.upstream
         if up is not None:
             req.upstream = None
@@ -371,13 +375,7 @@ class Router:
             up.resume_reading()
             return
         req.done = True
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
-            try:
-                self.queue.remove(req)
-            except ValueError:
-                pass
+        self._unqueue(req)
         if up is not None:
             req.upstream = None
             up.abort()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flypool.config import AppConfig
+from flypool.exit_status import describe_exit
 from flypool.pool import memory, spawner
 from flypool.pool.plans import UNLIMITED
 from flypool.pool.spawner import Launcher, ProcessHandle, SpawnError
@@ -320,7 +321,7 @@ class Processes:
         w.exit_status = code
         was = w.state
         self._drop(w)
-        status = spawner.describe_exit(code)
+        status = describe_exit(code)
         if was is _S.SPAWNING:
             self._boot_failed(w, f"exited with status {status} before it was ready", now)
         elif was in (_S.READY, _S.DRAINING):

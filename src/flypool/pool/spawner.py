@@ -14,12 +14,13 @@ import grp
 import os
 import pwd
 import shutil
-import signal
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from flypool.config import AppConfig
+from flypool.exit_status import UNKNOWN_EXIT, describe_exit
+from flypool.output_lines import lines
 from flypool.pool.worker import Worker
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class AdoptedProcess:
             _, status = os.waitpid(self.pid, 0)
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
-            code = -1
+            code = UNKNOWN_EXIT
         self.returncode = code
         if not self._done.done():
             self._done.set_result(code)
@@ -284,15 +285,7 @@ async def _pump(
     stream: asyncio.StreamReader, name: str, w: Worker, app: str, log: FilteringBoundLogger
 ) -> None:
     """Log each line the worker writes, and keep the last ones for status."""
-    while True:
-        try:
-            line = await stream.readline()
-        except ValueError:
-            # A line over the reader's limit: take what is buffered as one line.
-            line = await stream.read(65536)
-        if not line:
-            return
-        text = line.decode(errors="replace").rstrip("\r\n")
+    async for text in lines(stream):
         w.output.append(text)
         log.info("worker output", app=app, pid=w.pid, stream=name, line=text)
         if w.fanout is not None and name == "stderr":
@@ -364,16 +357,6 @@ async def wait_ready(
 def _running(proc: ProcessHandle) -> bool:
     # A separate call so the type checker doesn't assume returncode is unchanged.
     return proc.returncode is None
-
-
-def describe_exit(code: int) -> str:
-    """Exit code as shown to operators (negative codes are signals)."""
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return str(code)
 
 
 def signal_group(pid: int, sig: int) -> None:

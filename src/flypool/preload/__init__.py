@@ -16,9 +16,9 @@ are forked from it and run the command's own entry point in-process.
 
 from __future__ import annotations
 
+from flypool.exit_status import UNKNOWN_EXIT
 from flypool.preload.command import EntryKind, NotPreloadable, Plan, plan_command
 from flypool.preload.preloader import (
-    UNKNOWN_EXIT,
     PreloadedProcess,
     Preloader,
     PreloaderGone,

@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from flypool.exit_status import UNKNOWN_EXIT
+from flypool.output_lines import lines
 from flypool.preload import lifeline
 from flypool.preload.command import NotPreloadable, Plan, plan_command
 
@@ -45,7 +47,6 @@ REPLY_TIMEOUT = 10.0
 """A fork request unanswered this long: the preloader is wedged."""
 REPORT_GRACE = 2.0
 """After a worker's pidfd says it exited, wait this long for the exit report."""
-UNKNOWN_EXIT = -1
 """``wait()`` result when the exit status died with the preloader."""
 
 
@@ -570,14 +571,7 @@ class Preloader:
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except ValueError:
-                    line = await reader.read(65536)
-                if not line:
-                    return
-                text = line.decode(errors="replace").rstrip("\r\n")
+            async for text in lines(reader):
                 self.output.append(text)
                 if self.log is not None:
                     self.log.info("preloader output", pid=self.pid, line=text)
