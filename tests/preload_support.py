@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from flypool.pool.spawner import output_pipes
 from flypool.pool.stack_dump import LineFanout
 from flypool.preload import PreloadedProcess, Preloader
 from tests.support import get, short_dir
@@ -90,17 +91,8 @@ class Harness:
         self, p: Preloader, argv: Sequence[str], release: str, env: dict[str, str]
     ) -> tuple[PreloadedProcess, Output]:
         out = Output()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
+        with output_pipes() as (out_r, out_w, err_r, err_w):
             handle = await p.spawn(argv, env=env, cwd=release, stdout=out_w, stderr=err_w)
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
-        finally:
-            os.close(out_w)
-            os.close(err_w)
         self.handles.append(handle)
         await out.follow(out_r, "stdout")
         await out.follow(err_r, "stderr")

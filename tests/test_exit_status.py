@@ -21,3 +21,7 @@ def test_unknown_status_is_no_signal() -> None:
     with pytest.raises(ValueError):
         signal.Signals(-UNKNOWN_EXIT)
     assert describe_exit(UNKNOWN_EXIT).startswith("unknown")
+
+
+def test_no_status_yet_is_unknown() -> None:
+    assert describe_exit(None) == "unknown"

@@ -11,8 +11,10 @@ parent (a worker adopted across USR2, or forked by a preloader that died first).
 Negative like a signal's, but no signal has this number."""
 
 
-def describe_exit(code: int) -> str:
-    """Exit code as shown to operators (negative codes are signals)."""
+def describe_exit(code: int | None) -> str:
+    """Exit code as shown to operators (negative codes are signals; None: not known yet)."""
+    if code is None:
+        return "unknown"
     if code == UNKNOWN_EXIT:
         return "unknown (another process reaped it)"
     if code < 0:

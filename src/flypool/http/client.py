@@ -572,6 +572,7 @@ class ClientConnection(asyncio.Protocol):
             self._version = "1.1"
         else:
             self._version = parser.get_http_version()
+        self._fed = b""  # not kept while the connection idles
         self.head_complete = True
 
     def _head_done(self, head: bytes, rest: bytes) -> bytes:

@@ -178,17 +178,8 @@ class PreloadLauncher:
             env.update(HOME=ident.home, USER=ident.name, LOGNAME=ident.name)
         port = w.address.rpartition(":")[2] if not w.address.startswith("/") else ""
         argv = [a.replace("{socket}", w.address).replace("{port}", port) for a in cfg.command]
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
+        with spawner.output_pipes() as (out_r, out_w, err_r, err_w):
             proc = await preloader.spawn(argv, env=env, cwd=w.release, stdout=out_w, stderr=err_w)
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
-        finally:
-            os.close(out_w)
-            os.close(err_w)
         w.proc = proc
         w.pid = proc.pid
         w.spawn = "preload"

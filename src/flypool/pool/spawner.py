@@ -15,7 +15,7 @@ import os
 import pwd
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from flypool.config import AppConfig
@@ -193,25 +193,19 @@ async def start(cfg: AppConfig, w: Worker, log: FilteringBoundLogger) -> asyncio
         env.update(HOME=ident.home, USER=ident.name, LOGNAME=ident.name)
     # The output pipes are ours (not asyncio's), so that a USR2 hand-over can
     # pass their read ends to the next daemon image.
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=w.release,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=err_w,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        for fd in (out_r, err_r):
-            os.close(fd)
-        raise SpawnError(f"cannot start {cfg.command[0]!r}: {exc}") from exc
-    finally:
-        os.close(out_w)
-        os.close(err_w)
+    with output_pipes() as (out_r, out_w, err_r, err_w):
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=w.release,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise SpawnError(f"cannot start {cfg.command[0]!r}: {exc}") from exc
     w.proc = proc
     w.pid = proc.pid
     w.spawn = "cold"
@@ -279,6 +273,26 @@ class AdoptedProcess:
     async def wait(self) -> int:
         """The exit code (negative: killed by that signal)."""
         return await asyncio.shield(self._done)
+
+
+@contextlib.contextmanager
+def output_pipes() -> Iterator[tuple[int, int, int, int]]:
+    """Pipes for a child's stdout and stderr: ``(out_r, out_w, err_r, err_w)``.
+
+    The write ends are closed when the block ends (the child has its copies);
+    the read ends too when the block raises (no child will write to them).
+    """
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        yield out_r, out_w, err_r, err_w
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
 
 
 async def _pump(

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flypool.exit_status import UNKNOWN_EXIT
+from flypool.exit_status import UNKNOWN_EXIT, describe_exit
 from flypool.output_lines import lines
 from flypool.preload import lifeline
 from flypool.preload.command import NotPreloadable, Plan, plan_command
@@ -341,7 +341,7 @@ class Preloader:
             await self._output_drained()
             code = await self._exit_code()
             raise PreloadError(
-                f"preloader exited with status {_describe(code)} while importing "
+                f"preloader exited with status {describe_exit(code)} while importing "
                 f"{', '.join(self.modules)}",
                 self.output,
             ) from None
@@ -521,7 +521,7 @@ class Preloader:
         self.exit_code = code
         # Messages it sent before dying are still queued: read them first.
         self._on_control()
-        self._lost(f"exited with status {_describe(code)}")
+        self._lost(f"exited with status {describe_exit(code)}")
         self._transition(PreloaderState.EXITED)
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -599,14 +599,3 @@ def _spawn_request(rid: int, plan: Plan, env: Mapping[str, str], cwd: str) -> di
         "env": dict(env),
         "cwd": cwd,
     }
-
-
-def _describe(code: int | None) -> str:
-    if code is None:
-        return "unknown"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return str(code)
